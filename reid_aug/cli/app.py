@@ -1,0 +1,31 @@
+"""The ``reid-aug`` click group. Commands register themselves from sibling modules."""
+
+from __future__ import annotations
+
+import click
+
+
+class _FlowOrderGroup(click.Group):
+    """Lists commands in the order of the data flow (registration order), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(
+    cls=_FlowOrderGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(package_name="reid-aug")
+def main() -> None:
+    """Pose-guided synthetic data for person re-identification.
+
+    \b
+    Data flow, one folder per step, each with a manifest:
+      make-toy-market / Market-1501 root + pose csv
+        -> subset      seeded real-data fraction (every identity kept)
+        -> synthesize  PCDMs: prior -> inpaint -> refine, Market naming
+        -> train-bot   BoT re-ID on real [+ synthetic]
+        -> evaluate    Rank-k / mAP / mINP on query/gallery
+        -> report      Table-2 layout, markdown / CSV / LaTeX / PNG
+    """

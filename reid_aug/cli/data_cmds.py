@@ -1,0 +1,1 @@
+"""Data commands: make-toy-market, subset (filled in by the foundation work)."""

@@ -1,0 +1,3 @@
+"""reid-aug eval commands."""
+
+from reid_aug.cli.app import main  # noqa: F401
