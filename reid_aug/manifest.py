@@ -16,7 +16,7 @@ import reid_aug
 MANIFEST_NAME = "manifest.json"
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -30,26 +30,24 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_manifest(
-    folder: str | Path,
+def build_manifest(
     step: str,
     config: Mapping[str, Any] | None = None,
     seed: int | None = None,
     sources: Mapping[str, Any] | None = None,
     checkpoints: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``folder/manifest.json`` atomically and return its path.
+) -> dict[str, Any]:
+    """The manifest record: what made an output, from what, with which seed.
 
     ``sources``: inputs (dataset root, subset file, pose csv ...);
     ``checkpoints``: name -> SHA-256 of the weights used.
     """
-    folder = Path(folder)
     data: dict[str, Any] = {
         "step": step,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "reid_aug_version": reid_aug.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "command": sys.argv,
@@ -60,6 +58,11 @@ def write_manifest(
     }
     if extra:
         data.update(extra)
-    path = folder / MANIFEST_NAME
-    write_json_atomic(path, data)
+    return data
+
+
+def write_manifest(folder: str | Path, step: str, **fields: Any) -> Path:
+    """Write ``folder/manifest.json`` atomically (fields as :func:`build_manifest`); return its path."""
+    path = Path(folder) / MANIFEST_NAME
+    write_json_atomic(path, build_manifest(step, **fields))
     return path
