@@ -18,8 +18,6 @@ minutes of a per-query Python loop.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pcdms.io import sha256_file, write_json_atomic
+from pcdms.io import sha256_folder, write_json_atomic
 
 METRICS_NAME = "metrics.json"
 PROTOCOL = (
@@ -42,7 +40,7 @@ def _as_tensor_1d(values: Any, name: str, length: int) -> torch.Tensor:
         raise ValueError(f"{name}: expected a 1-D array of length {length}, got shape {tuple(t.shape)}")
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
         raise ValueError(f"{name}: expected integer ids, got dtype {t.dtype}")
-    return t.to(torch.int64).cpu()
+    return t.to(torch.int64)
 
 
 def evaluate_rank(
@@ -69,9 +67,10 @@ def evaluate_rank(
 
     Ties: the gallery is ordered by a STABLE sort, so equal distances keep gallery
     order. torchreid uses ``np.argsort``'s default (introsort, or a SIMD sort in
-    numpy >= 2 on some CPUs), whose order among ties is unspecified; results are
-    identical to torchreid's ``evaluate_rank`` whenever a query row has no tied
-    distances, and with ties they can differ exactly as two numpy builds can.
+    numpy >= 2 on some CPUs), whose order among ties is unspecified, so with ties
+    torchreid's own figures depend on the numpy build. Without ties in a query's
+    row, results equal torchreid's ``evaluate_rank`` (CMC and mAP to float
+    rounding; torchreid 0.2.5 has no mINP).
     A row whose valid ranking is shorter than ``max_rank`` (tiny galleries) counts
     as matched at every rank past its end; torchreid fails on such ragged rows.
     """
@@ -80,7 +79,7 @@ def evaluate_rank(
         raise ValueError(f"distmat: expected a 2-D (num_query, num_gallery) matrix, got shape {tuple(dist.shape)}")
     if not dist.dtype.is_floating_point:
         dist = dist.double()
-    dist = dist.detach().cpu()
+    dist = dist.detach()
     num_q, num_g = dist.shape
     if num_q == 0 or num_g == 0:
         raise ValueError(f"distmat: empty matrix of shape {(num_q, num_g)}")
@@ -90,14 +89,15 @@ def evaluate_rank(
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    q_pids_t = _as_tensor_1d(q_pids, "q_pids", num_q)
-    g_pids_t = _as_tensor_1d(g_pids, "g_pids", num_g)
-    q_cams_t = _as_tensor_1d(q_camids, "q_camids", num_q)
-    g_cams_t = _as_tensor_1d(g_camids, "g_camids", num_g)
+    # Ranking runs where distmat lives (a GPU sorts much faster); ids follow it.
+    q_pids_t = _as_tensor_1d(q_pids, "q_pids", num_q).to(dist.device)
+    g_pids_t = _as_tensor_1d(g_pids, "g_pids", num_g).to(dist.device)
+    q_cams_t = _as_tensor_1d(q_camids, "q_camids", num_q).to(dist.device)
+    g_cams_t = _as_tensor_1d(g_camids, "g_camids", num_g).to(dist.device)
     max_rank = min(int(max_rank), num_g)
 
     # first_hits[r]: valid queries whose first correct match sits at 0-based rank r.
-    first_hits = torch.zeros(num_g, dtype=torch.int64)
+    first_hits = torch.zeros(num_g, dtype=torch.int64, device=dist.device)
     ap_sum = inp_sum = 0.0
     num_valid = 0
     for start in range(0, num_q, chunk_size):
@@ -118,7 +118,7 @@ def evaluate_rank(
         hit_ordinal = torch.cumsum(good, dim=1)[rows, cols]  # this is the k-th hit of its row
         # AP = mean over hits of precision at the hit's rank.
         prec = hit_ordinal.double() / (hit_pos + 1).double()
-        ap = torch.zeros(len(num_rel), dtype=torch.float64).index_add_(0, rows, prec) / num_rel.double()
+        ap = torch.zeros(len(num_rel), dtype=torch.float64, device=dist.device).index_add_(0, rows, prec) / num_rel.double()
         first = torch.full_like(num_rel, num_g).scatter_reduce_(0, rows, hit_pos, "amin")
         last = torch.full_like(num_rel, -1).scatter_reduce_(0, rows, hit_pos, "amax")
         inp = num_rel.double() / (last + 1).double()
@@ -129,7 +129,7 @@ def evaluate_rank(
 
     if num_valid == 0:
         raise ValueError("no query has a correct match in the gallery (after same-camera removal); check the pids")
-    cum = torch.cumsum(first_hits, 0).double() / num_valid  # cum[k-1] = Rank-k
+    cum = torch.cumsum(first_hits, 0).double().cpu() / num_valid  # cum[k-1] = Rank-k
     cmc = cum[:max_rank].numpy()
 
     def rank_k(k: int) -> float:
@@ -162,8 +162,104 @@ def compute_distmat(q_feats: torch.Tensor, g_feats: torch.Tensor, metric: str = 
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
         g = torch.nn.functional.normalize(g, dim=1)
-        return 1.0 - q @ g.T
+        return (1.0 - q @ g.T).clamp_(0.0, 2.0)
     if metric == "euclidean":
         d = q.pow(2).sum(1, keepdim=True) + g.pow(2).sum(1)[None, :] - 2.0 * (q @ g.T)
         return d.clamp_min_(0.0)
     raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+
+
+def _metrics_file(out_path: str | os.PathLike) -> Path:
+    """``x.json`` is the file itself; anything else is a folder that gets ``metrics.json``."""
+    out = Path(out_path)
+    return out if out.suffix == ".json" else out / METRICS_NAME
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in metrics.items()}
+    out["rank1_pct"] = 100.0 * metrics["rank1"]
+    out["mAP_pct"] = 100.0 * metrics["mAP"]
+    return out
+
+
+def evaluate_model(
+    model_folder: str | os.PathLike,
+    dataset_root: str | os.PathLike,
+    out_path: str | os.PathLike | None = None,
+    rerank: bool = False,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    flip: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a saved BoT model on the query/gallery split of ``dataset_root``.
+
+    Decodes query and gallery once at the model's ``image_size``, extracts BNNeck
+    features, ranks by cosine distance and scores with :func:`evaluate_rank`
+    (plus k-reciprocal re-ranking, :mod:`reid_aug.rerank`, when ``rerank``).
+
+    ``out_path``: a ``.json`` file, or a folder that gets ``metrics.json`` (written
+    atomically, so its presence marks a finished evaluation). Returns the same dict:
+    metric fractions at the top level (``rank1``, ``mAP``, ``mINP``, ``cmc`` list ...),
+    ``rank1_pct`` / ``mAP_pct``, the re-ranked metrics under ``rerank`` (else None),
+    sizes, the model folder's SHA-256, the dataset root and the protocol string.
+    """
+    # Imported here: the BoT package pulls in torchvision, which the ranking metrics don't need.
+    from reid_aug.bot.data import load_images
+    from reid_aug.bot.features import extract_features
+    from reid_aug.bot.model import CONFIG_NAME, load_bot
+    from reid_aug.data.market import read_reid_dataset
+
+    model_folder = Path(model_folder)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = read_reid_dataset(dataset_root)
+    model, config = load_bot(model_folder, dev)
+    size = config.get("image_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"{model_folder / CONFIG_NAME}: 'image_size' must be [height, width], got {size!r}")
+
+    feats = []
+    for split in (dataset.query, dataset.gallery):
+        images = load_images([r.path for r in split], tuple(size))
+        feats.append(extract_features(model, images, batch_size, dev, flip=flip, progress=True))
+        del images
+    q_feats, g_feats = feats
+    q_pids = np.array([r.pid for r in dataset.query])
+    g_pids = np.array([r.pid for r in dataset.gallery])
+    q_camids = np.array([r.camid for r in dataset.query])
+    g_camids = np.array([r.camid for r in dataset.gallery])
+
+    distmat = compute_distmat(q_feats.to(dev), g_feats.to(dev), "cosine")
+    result = _summary(evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids))
+    reranked = None
+    if rerank:
+        from reid_aug.rerank import re_ranking
+
+        q_q = compute_distmat(q_feats, q_feats, "cosine")
+        g_g = compute_distmat(g_feats, g_feats, "cosine")
+        # The paper's k1 = 20, k2 = 6, lambda = 0.3; k1 shrinks only for toy sets of <= 20 images.
+        k1 = min(20, len(q_pids) + len(g_pids) - 1)
+        params = {"k1": k1, "k2": min(6, k1 + 1), "lambda_value": 0.3}
+        rr = re_ranking(distmat.cpu(), q_q, g_g, **params)
+        del g_g
+        reranked = _summary(evaluate_rank(rr, q_pids, g_pids, q_camids, g_camids))
+        reranked["params"] = params
+    result.update(
+        {
+            "rerank": reranked,
+            "num_query": len(dataset.query),
+            "num_gallery": len(dataset.gallery),
+            "protocol": PROTOCOL,
+            "distance": "cosine",
+            "flip": bool(flip),
+            "feature_dim": int(q_feats.shape[1]),
+            "image_size": list(size),
+            "model": str(model_folder.absolute()),
+            "model_sha256": sha256_folder(model_folder),
+            "dataset_root": str(dataset.root),
+            "layout": dataset.layout,
+            "device": str(dev),
+        }
+    )
+    if out_path is not None:
+        write_json_atomic(_metrics_file(out_path), result)
+    return result

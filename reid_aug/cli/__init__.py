@@ -6,11 +6,12 @@ order here is the order ``reid-aug --help`` lists them in (the data flow).
 
 from reid_aug.cli.app import main
 from reid_aug.cli import toy_cmds  # noqa: F401  make-toy-market
-from reid_aug.cli import data_cmds  # noqa: F401  subset
-from reid_aug.cli import experiment_cmds  # noqa: F401  synthesize / run / demo
+from reid_aug.cli import data_cmds  # noqa: F401  subset, dataset-info
+from reid_aug.cli import synth_cmds  # noqa: F401  synthesize
 from reid_aug.cli import bot_cmds  # noqa: F401  train-bot
 from reid_aug.cli import eval_cmds  # noqa: F401  evaluate
 from reid_aug.cli import report_cmds  # noqa: F401  report
+from reid_aug.cli import experiment_cmds  # noqa: F401  run, demo
 from reid_aug.cli import pcdms_cmds  # noqa: F401  pcdms-info, convert-official
 
 __all__ = ["main"]

@@ -1,3 +1,28 @@
-"""reid-aug report commands."""
+"""``reid-aug report``: the Table-2 comparison of a fraction sweep."""
 
-from reid_aug.cli.app import main  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from reid_aug.cli.app import main
+from reid_aug.report import ReportError, make_report
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the report files (default RUN_DIR/report).")
+def report_cmd(run_dir: Path, out: Path | None) -> None:
+    """Tabulate RUN_DIR/runs/<method>/frac<F>/seed<S>/metrics.json as the paper's Table 2.
+
+    Writes report.md, results.csv, table_rank1.csv, table_mAP.csv, table.tex and curves.png,
+    then prints the markdown. The paper's published figures are shown in their own block.
+    """
+    try:
+        paths = make_report(run_dir, out)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(paths["markdown"].read_text(), nl=False)
+    click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {paths['markdown'].parent}", err=True)

@@ -1,0 +1,115 @@
+"""``reid-aug synthesize``: pose-guided synthetic images of a real training subset (see :mod:`reid_aug.synthesis`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pcdms.encoders import WeightsNotFoundError
+from pcdms.pose import PoseFormatError
+from reid_aug.cli.app import main
+from reid_aug.cli.config import load_config
+from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
+from reid_aug.data.subset import make_subset, read_subset_csv
+from reid_aug.manifest import MANIFEST_NAME
+from reid_aug.synthesis import GENERATORS, RANDOM_WEIGHTS_WARNING, SynthesisConfig, synthesize
+
+
+def parse_subset_arg(value: str) -> float | Path:
+    """``--subset``: an existing CSV path, else a number in (0, 1] meaning the seeded subset at that fraction."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither an existing subset CSV nor a fraction in (0, 1]",
+                                 param_hint="--subset") from None
+    if not 0.0 < fraction <= 1.0:
+        raise click.BadParameter(f"fraction must be in (0, 1], got {value}", param_hint="--subset")
+    return fraction
+
+
+def _subset_records(dataset: ReidDataset, subset: str | None, fraction: float | None, subset_seed: int):
+    """(records, subset file or None, manifest notes) for --subset FILE|F or --fraction F."""
+    if (subset is None) == (fraction is None):
+        raise click.UsageError("give the real subset as --subset FILE|FRACTION or --fraction F (exactly one)")
+    chosen = parse_subset_arg(subset) if subset is not None else fraction
+    if isinstance(chosen, Path):
+        return read_subset_csv(chosen, dataset), chosen, {}
+    return make_subset(dataset.train, chosen, subset_seed), None, {"subset_fraction": chosen,
+                                                                   "subset_seed": subset_seed}
+
+
+@main.command("synthesize")
+@click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Market-1501-style dataset root (or a toy Market).")
+@click.option("--subset", default=None, help="Real subset: a CSV from `reid-aug subset`, or a fraction in (0, 1].")
+@click.option("--fraction", type=float, default=None, help="Same as --subset F.")
+@click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of a subset given as a fraction.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output folder.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML with SynthesisConfig keys.")
+@click.option("--generator", type=click.Choice(GENERATORS), default=None,
+              help="pcdms (default) or toy-oracle (toy Market only; NOT a generative model).")
+@click.option("--poses", "poses_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Pose annotation file (default ROOT/market-annotation-train.csv).")
+@click.option("--pose-pool", type=click.Choice(["subset", "train"]), default=None,
+              help="Draw target poses from the subset (default) or the whole training set.")
+@click.option("--pipeline", type=click.Path(path_type=Path), default=None, help="Trained PCDMs pipeline folder.")
+@click.option("--clip-checkpoint", type=click.Path(path_type=Path), default=None, help="OpenCLIP ViT-H/14 checkpoint.")
+@click.option("--dino", "--dino-checkpoint", "dino_path", type=click.Path(path_type=Path), default=None,
+              help="DINOv2 transformers folder.")
+@click.option("--vae", "--vae-checkpoint", "vae_path", type=click.Path(path_type=Path), default=None,
+              help="SD 2.1-base folder (or a bare VAE folder).")
+@click.option("--per-image", type=int, default=None, help="Synthetic images per real image (default 1).")
+@click.option("--steps", type=int, default=None, help="Sampler steps per stage (default 50).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default 2.0).")
+@click.option("--scheduler", default=None, help="ddim (default) | dpmsolver++ | unipc | euler.")
+@click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default 16).")
+@click.option("--seed", type=int, default=None, help="Seed of pose draws and noise (default 0).")
+@click.option("--allow-random-weights", is_flag=True, default=None,
+              help="Random weights for encoders without a path: tests and smoke runs ONLY.")
+@click.option("--device", default=None, help="torch device (default cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Pipeline dtype (default float32).")
+@click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
+def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, subset_seed: int, out: Path,
+                   config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
+                   vae_path, per_image, steps, guidance, scheduler, batch_size, seed, allow_random_weights,
+                   device, dtype, overwrite: bool) -> None:
+    """Synthesize each image of a real training subset under other sampled poses into OUT.
+
+    \b
+    OUT/<source stem>_synNN.jpg   Market-named: same pid and camera as the source
+    OUT/synthesis.csv             source, pid, camid, k, seed, target pose per image
+    OUT/annotation.csv            target keypoints (community Market format)
+    OUT/subset.csv                the real subset used
+    OUT/manifest.json
+    A killed run resumes where it stopped when run again with the same options.
+    """
+    overrides = {
+        "generator": generator, "pose_pool": pose_pool, "pipeline": pipeline, "clip_checkpoint": clip_checkpoint,
+        "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
+        "guidance_scale": guidance, "scheduler": scheduler, "batch_size": batch_size, "seed": seed,
+        "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
+    }
+    cfg = load_config(SynthesisConfig, config_path, overrides)
+    if cfg.generator == "pcdms" and cfg.allow_random_weights:
+        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
+    try:
+        dataset = read_reid_dataset(data_root)
+        records, subset_file, notes = _subset_records(dataset, subset, fraction, subset_seed)
+        summary = records_summary(records)
+        click.echo(f"real subset: {summary['num_images']:,} images, {summary['num_pids']:,} ids; "
+                   f"generator {cfg.generator}, {cfg.per_image} per image")
+        synthesize(cfg, dataset, records, out, poses_csv=poses_csv, subset_file=subset_file, overwrite=overwrite,
+                   progress=True, sources_extra=notes, log=click.echo)
+    except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    counts = json.loads((out / MANIFEST_NAME).read_text())["counts"]
+    skipped = counts.get("skipped_missing_source_pose", 0)
+    click.echo(f"{out}: {counts['images']:,} synthetic images of {counts['sources_used']:,} real images"
+               + (f" ({skipped} skipped: no source pose)" if skipped else ""))

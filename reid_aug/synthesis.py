@@ -1,0 +1,622 @@
+"""Synthesis job: the people of a real training subset under other poses (PCDMs Sec. 4.3, Table 2).
+
+For every image of a real subset and ``k`` in ``0..per_image-1``, one image of the
+same person in a target pose drawn from the pose bank (:mod:`reid_aug.posebank`).
+Synthetic images keep the source's identity (DESIGN §6): they are named
+``<source stem>_syn<k:02d>.jpg`` (``0002_c1s1_000451_03.jpg``, k=1 ->
+``0002_c1s1_000451_03_syn01.jpg``), which every Market reader parses to the
+source's pid and camera and which never collides with a real name.
+
+Two generators, chosen by ``SynthesisConfig.generator``:
+
+- ``"pcdms"``: the three-stage PCDMs pipeline (prior -> inpaint -> refine) from a
+  trained pipeline folder; one ``torch.Generator`` per output image, seeded by
+  ``(seed, source name, k)``, so the images do not depend on batching or resume.
+- ``"toy-oracle"``: NOT a generative model. On a toy Market made by
+  ``make-toy-market`` it re-renders the source identity (the renderer's ground
+  truth appearance) in a freshly sampled pose, seen by the source's camera: a
+  "perfect pose-guided generator" upper bound that lets the toy demo run the
+  augmented path without trained diffusion weights. It ignores the pose bank;
+  its target keypoints are the renderer's.
+
+Output folder: the images, ``synthesis.csv`` (one row per image: source, pid,
+camid, k, seed, target pose name, target keypoints), ``annotation.csv`` (target
+poses, community Market format), ``subset.csv`` (the real subset used) and
+``manifest.json``. The plan is deterministic, so a killed job is resumed by
+running it again: existing images are kept and exactly the missing ones are made;
+the CSVs and the manifest are (re)written from the full plan at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pcdms.io import atomic_path, sha256_file, sha256_folder, write_text_atomic
+from pcdms.pose import read_annotation_csv, write_annotation_csv
+from reid_aug.data.market import IMAGE_SUFFIXES, DatasetError, ImageRecord, ReidDataset, parse_market_name
+from reid_aug.data.subset import write_subset_csv
+from reid_aug.data.toy import camera_for, identity_for, read_toy_manifest
+from reid_aug.data.toy_render import PoseParams, project_pose, render_person, sample_pose_params
+from reid_aug.manifest import MANIFEST_NAME, write_manifest
+from reid_aug.posebank import (
+    POSE_IDENTITIES, POSE_POOLS, STREAM_NOISE, STREAM_TOY_IMAGE, STREAM_TOY_POSE, build_pose_bank, draw_targets,
+    item_rng, item_seed, pool_records,
+)
+
+STEP = "synthesize"
+GENERATORS = ("pcdms", "toy-oracle")
+MISSING_SOURCE_POSE = ("error", "skip")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "synthesis.csv", "annotation.csv", "subset.csv"
+SYNTHESIS_COLUMNS = ("name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints")
+JPEG_QUALITY = 95
+DEFAULT_POSES_FILE = "market-annotation-train.csv"
+# Settings that do not change a single output pixel's recipe: a job may resume with other values.
+EXECUTION_KEYS = ("batch_size", "device")
+RANDOM_WEIGHTS_WARNING = (
+    "allow_random_weights: encoders without a checkpoint path ran with RANDOM weights; these images are not "
+    "meaningful (tests and smoke runs only)"
+)
+TOY_ORACLE_NOTE = (
+    "toy-oracle is NOT a generative model: it re-renders the toy dataset's ground-truth identity in a freshly "
+    "sampled pose (an upper bound for a perfect pose-guided generator), for demos without diffusion weights"
+)
+
+
+class SynthesisError(ValueError):
+    """A synthesis job cannot run as asked (output folder conflict, wrong generator for the data, ...)."""
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """What to synthesize and how. Pose-bank keys: see :mod:`reid_aug.posebank`.
+
+    ``pose_identity``: ``"other"`` draws only poses of other identities, ``"any"`` any pose but the
+    source's own. ``missing_source_pose``: a subset image without an annotation row is an
+    ``"error"`` or is ``"skip"``-ped (counted in the manifest). PCDMs keys (generator ``"pcdms"``):
+    ``pipeline`` (a ``PCDMsPipeline.save_pretrained`` folder), the three encoder paths,
+    ``allow_random_weights`` (encoders without a path get random weights: tests only),
+    sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
+    (default: cuda if available), ``dtype``.
+    """
+
+    generator: str = "pcdms"
+    per_image: int = 1
+    seed: int = 0
+    pose_pool: str = "subset"
+    pose_identity: str = "other"
+    min_visible_joints: int = 8
+    missing_source_pose: str = "error"
+    pipeline: Path | None = None
+    clip_checkpoint: Path | None = None
+    dino_path: Path | None = None
+    vae_path: Path | None = None
+    allow_random_weights: bool = False
+    num_inference_steps: int = 50
+    guidance_scale: float = 2.0
+    scheduler: str = "ddim"
+    stages: str = "full"
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        choices = {"generator": GENERATORS, "pose_pool": POSE_POOLS, "pose_identity": POSE_IDENTITIES,
+                   "missing_source_pose": MISSING_SOURCE_POSE, "dtype": tuple(DTYPES)}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if not 1 <= self.per_image <= 99:
+            raise ValueError(f"per_image must be in 1..99 (names end in _synNN), got {self.per_image}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.min_visible_joints <= 18:
+            raise ValueError(f"min_visible_joints must be in 0..18, got {self.min_visible_joints}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.generator == "pcdms":
+            from pcdms.pipeline import SCHEDULERS, STAGES  # diffusers: only imported when PCDMs will run
+
+            if self.scheduler not in SCHEDULERS:
+                raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
+            if self.stages not in STAGES:
+                raise ValueError(f"stages must be one of {list(STAGES)}, got {self.stages!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device {self.device!r} is not a torch device name (cpu, cuda, cuda:1, mps)") from None
+        for key in ("pipeline", "clip_checkpoint", "dino_path", "vae_path"):
+            if isinstance(getattr(self, key), str):
+                object.__setattr__(self, key, Path(getattr(self, key)))
+
+
+@dataclass(frozen=True)
+class SynthesisItem:
+    """One synthetic image of the plan.
+
+    ``seed``: the image's own seed (PCDMs: its noise generator; toy-oracle: its render rng).
+    ``target``: the image whose annotated pose is the target (None for toy-oracle).
+    Keypoints are 18 pixel ``(x, y)`` pairs, -1 missing; ``source_keypoints`` is None for toy-oracle.
+    ``toy_pose``: the toy-oracle's sampled pose parameters.
+    """
+
+    name: str
+    source: ImageRecord
+    k: int
+    seed: int
+    target: str | None
+    target_keypoints: tuple[tuple[int, int], ...]
+    source_keypoints: tuple[tuple[int, int], ...] | None = None
+    toy_pose: PoseParams | None = None
+
+
+def synthetic_name(source: ImageRecord, k: int) -> str:
+    """``<source stem>_syn<k:02d>.jpg``; names that are not Market-style get ``PPPP_cC_`` in front."""
+    stem = Path(source.name).stem
+    try:
+        parsed = parse_market_name(source.name)
+    except DatasetError:
+        parsed = None
+    if parsed != (source.pid, source.camid):  # e.g. MSMT17 names: make the labels readable from the name
+        stem = f"{source.pid:04d}_c{source.camid + 1}_{stem}"
+    name = f"{stem}_syn{k:02d}.jpg"
+    if parse_market_name(name) != (source.pid, source.camid):
+        raise DatasetError(f"{source.path}: cannot name a synthetic image that parses to pid {source.pid}, "
+                           f"camid {source.camid} (got {name!r})")
+    return name
+
+
+def _as_pairs(kp: np.ndarray) -> tuple[tuple[int, int], ...]:
+    return tuple((int(x), int(y)) for x, y in np.asarray(kp, dtype=np.int64))
+
+
+def plan_synthesis(
+    cfg: SynthesisConfig,
+    subset_records: Sequence[ImageRecord],
+    poses: Mapping[str, np.ndarray] | None,
+    *,
+    pool: Sequence[ImageRecord] | None = None,
+    toy_seed: int | None = None,
+    image_size: tuple[int, int] = (128, 64),
+    poses_file: str | Path | None = None,
+) -> list[SynthesisItem]:
+    """Every synthetic image of the job, sorted by source name then ``k``; pure function of its inputs.
+
+    ``poses``: ``{name: (18, 2)}`` annotations (PCDMs: source poses and the pose bank; not used by
+    toy-oracle). ``pool``: the images whose poses form the bank; default the subset, and required
+    for ``pose_pool="train"`` (the whole training split). ``toy_seed``: the toy dataset's seed
+    (toy-oracle only). ``image_size`` (H, W): toy-oracle render size. ``poses_file`` names the
+    annotation file in errors.
+    """
+    records = sorted(subset_records, key=lambda r: r.name)
+    if not records:
+        raise DatasetError("the subset is empty: nothing to synthesize")
+    if cfg.generator == "toy-oracle":
+        if toy_seed is None:
+            raise SynthesisError("generator 'toy-oracle' needs the toy dataset's seed (toy_seed)")
+        items = _plan_toy(cfg, records, toy_seed, image_size)
+    else:
+        if poses is None:
+            raise SynthesisError("generator 'pcdms' needs pose annotations (source poses and the pose bank)")
+        if pool is None:
+            if cfg.pose_pool != "subset":
+                raise SynthesisError(f"pose_pool {cfg.pose_pool!r} needs the training records (pool=dataset.train)")
+            pool = records
+        items = _plan_pcdms(cfg, records, poses, pool, poses_file or "the pose annotations")
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.name in seen and seen[item.name] != item.source.name:
+            raise DatasetError(f"sources {seen[item.name]} and {item.source.name} give the same synthetic name "
+                               f"{item.name}; rename one of them")
+        seen[item.name] = item.source.name
+    return items
+
+
+def _plan_pcdms(cfg, records, poses, pool, poses_file) -> list[SynthesisItem]:
+    missing = [r.name for r in records if r.name not in poses]
+    if missing and cfg.missing_source_pose == "error":
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DatasetError(f"{poses_file}: no pose row for {len(missing)} subset image(s): {shown}; add their "
+                           "keypoints, or set missing_source_pose: skip to leave them out")
+    bank = build_pose_bank(poses, pool, cfg.min_visible_joints)
+    if len(bank) == 0:
+        raise DatasetError(f"{poses_file}: none of the {cfg.pose_pool} pool's images has a usable pose "
+                           f"(>= {cfg.min_visible_joints} visible joints with neck and a hip)")
+    pid_counts = bank.pid_counts()
+    items = []
+    for rec in records:
+        if rec.name not in poses:
+            continue
+        src = _as_pairs(poses[rec.name])
+        for k, j in enumerate(draw_targets(bank, rec, cfg.per_image, cfg.seed, cfg.pose_identity, pid_counts)):
+            items.append(SynthesisItem(
+                synthetic_name(rec, k), rec, k, item_seed(cfg.seed, STREAM_NOISE, rec.name, k),
+                bank.names[j], _as_pairs(bank.keypoints[j]), src))
+    return items
+
+
+def _plan_toy(cfg, records, toy_seed, image_size) -> list[SynthesisItem]:
+    h, w = image_size
+    bodies: dict[int, Any] = {}
+    items = []
+    for rec in records:
+        if rec.pid not in bodies:
+            bodies[rec.pid] = identity_for(toy_seed, rec.pid).body
+        for k in range(cfg.per_image):
+            pose = sample_pose_params(item_rng(cfg.seed, STREAM_TOY_POSE, rec.name, k))
+            kp = project_pose(bodies[rec.pid], pose, h, w)[0]
+            items.append(SynthesisItem(
+                synthetic_name(rec, k), rec, k, item_seed(cfg.seed, STREAM_TOY_IMAGE, rec.name, k),
+                None, _as_pairs(kp), None, pose))
+    return items
+
+
+def config_dict(cfg: SynthesisConfig) -> dict[str, Any]:
+    """``cfg`` as JSON-ready data, as the manifest stores it; paths made absolute, so a resume compares
+    equal from any working directory."""
+    return {k: str(v.absolute()) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def plan_sha256(items: Iterable[SynthesisItem]) -> str:
+    """Hash of everything that decides the images (names, sources, seeds, target poses)."""
+    h = hashlib.sha256()
+    for it in items:
+        row = [it.name, it.source.name, it.source.pid, it.source.camid, it.k, it.seed, it.target,
+               it.target_keypoints, it.source_keypoints, dataclasses.asdict(it.toy_pose) if it.toy_pose else None]
+        h.update((json.dumps(row) + "\n").encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def toy_oracle_image(toy_seed: int, pid: int, camid: int, pose: PoseParams, rng: np.random.Generator,
+                     height: int = 128, width: int = 64) -> tuple[Image.Image, np.ndarray]:
+    """The toy renderer's person ``pid`` in ``pose`` seen by (0-based) camera ``camid``: (image, (18, 2) keypoints).
+
+    The same call :func:`reid_aug.data.toy.render_shot` makes for a real toy image, so with a
+    real image's pose and rng it reproduces that image exactly.
+    """
+    # Toy cameras are keyed by the 1-based number of the name (c1 -> 1); camids are 0-based.
+    return render_person(identity_for(toy_seed, pid), pose, camera_for(toy_seed, camid + 1), rng, height, width)
+
+
+def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, image_size, bar) -> None:
+    h, w = image_size
+    for item in items:
+        img, kp = toy_oracle_image(toy_seed, item.source.pid, item.source.camid, item.toy_pose,
+                                   np.random.default_rng(item.seed), h, w)
+        if _as_pairs(kp) != item.target_keypoints:
+            raise RuntimeError(f"{item.name}: rendered keypoints differ from the plan; the toy renderer changed "
+                               "since this folder was planned (re-run with --overwrite)")
+        _save_jpeg(img, out / item.name)
+        bar.update(1)
+
+
+def _missing_weights_message(cfg: SynthesisConfig) -> str | None:
+    from pcdms.encoders import CLIP_SOURCE, DINO_SOURCE, VAE_SOURCE
+
+    needed = [f"{key} ({flag}): {source}" for key, flag, source in (
+        ("clip_checkpoint", "--clip-checkpoint", CLIP_SOURCE), ("dino_path", "--dino", DINO_SOURCE),
+        ("vae_path", "--vae", VAE_SOURCE)) if getattr(cfg, key) is None]
+    if not needed or cfg.allow_random_weights:
+        return None
+    return ("generator 'pcdms' needs the frozen encoders' weights; missing: " + "; ".join(needed)
+            + " (allow_random_weights: true builds random encoders, for tests and smoke runs only)")
+
+
+def check_pcdms_weights(cfg: SynthesisConfig) -> Path:
+    """Fail early, naming what is needed, if the PCDMs pipeline folder or an encoder path is missing."""
+    from pcdms.encoders import WeightsNotFoundError
+
+    if cfg.pipeline is None:
+        raise WeightsNotFoundError(
+            "generator 'pcdms' needs a trained PCDMs pipeline folder: set pipeline: DIR (--pipeline DIR), a folder "
+            "written by PCDMsPipeline.save_pretrained (model_index.json, prior/, inpaint/, refine/); random stage "
+            "weights are never used")
+    folder = Path(cfg.pipeline)
+    if not (folder / "model_index.json").is_file():
+        what = "not found" if not folder.exists() else "has no model_index.json"
+        raise WeightsNotFoundError(f"PCDMs pipeline folder {folder} {what}: expected a folder written by "
+                                   "PCDMsPipeline.save_pretrained (model_index.json, prior/, inpaint/, refine/)")
+    message = _missing_weights_message(cfg)
+    if message:
+        raise WeightsNotFoundError(message)
+    return folder
+
+
+def resolve_device(cfg: SynthesisConfig) -> torch.device:
+    """``cfg.device``, default cuda when available, else cpu; an unavailable cuda device is an error."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SynthesisError(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def load_pcdms(cfg: SynthesisConfig):
+    """The :class:`pcdms.pipeline.PCDMsPipeline` of ``cfg`` on its device and dtype."""
+    from pcdms.encoders import build_encoders
+    from pcdms.pipeline import PCDMsPipeline
+    from pcdms.presets import get_preset
+
+    folder = check_pcdms_weights(cfg)
+    try:
+        preset = get_preset(json.loads((folder / "model_index.json").read_text())["preset"])
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise SynthesisError(f"{folder / 'model_index.json'}: unreadable or without 'preset' ({exc})") from None
+    device, dtype = resolve_device(cfg), DTYPES[cfg.dtype]
+    # Random encoders (tests) are seeded so that a resumed job rebuilds the same ones.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoders = build_encoders(preset, cfg.clip_checkpoint, cfg.dino_path, cfg.vae_path,
+                                  allow_random=cfg.allow_random_weights, device=device, dtype=dtype)
+    pipe = PCDMsPipeline.from_pretrained(folder, encoders=encoders, preset=preset, device=device, dtype=dtype)
+    for model in (pipe.prior, pipe.inpaint, pipe.refine):
+        if model is not None:
+            model.eval()
+    return pipe
+
+
+def _load_source(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """Source image -> (3, H, W) float in [0, 1], resized to ``size`` = (H, W) if needed."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"unreadable source image {path}: {exc}") from None
+    if im.size != (size[1], size[0]):
+        # Keypoints stay as annotated: the community format defines them on the 128x64 frame.
+        im = im.resize((size[1], size[0]), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, pipe, cfg: SynthesisConfig,
+                    bar) -> None:
+    """Make the ``todo`` images of the plan ``items``.
+
+    Batches are fixed slices of the whole plan, not of what is left: a resumed job runs the
+    same batches as an uninterrupted one (re-running the few done images of a half-written
+    batch, writing only the missing ones), so its images are bit-identical on the same device.
+    """
+    size = tuple(pipe.preset.image_size)
+    for start in range(0, len(items), cfg.batch_size):
+        batch = items[start:start + cfg.batch_size]
+        if not any(it.name in todo for it in batch):
+            continue
+        images = torch.stack([_load_source(it.source.path, size) for it in batch])
+        src = np.array([it.source_keypoints for it in batch], dtype=np.int64)
+        tgt = np.array([it.target_keypoints for it in batch], dtype=np.int64)
+        # CPU generators: the initial noise is the same on any device and for any batch split.
+        gens = [torch.Generator().manual_seed(it.seed) for it in batch]
+        result = pipe(images, src, tgt, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, generator=gens, stages=cfg.stages,
+                      scheduler=cfg.scheduler, output_type="pt").images
+        pixels = (result.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for it, px in zip(batch, pixels):
+            if it.name in todo:
+                _save_jpeg(Image.fromarray(px), out / it.name)
+                bar.update(1)
+
+
+def _save_jpeg(img: Image.Image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _image_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def _compared_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+
+
+def read_synthesis_manifest(out: Path) -> dict | None:
+    """``out/manifest.json`` if this step wrote it, None if there is none; another step's is an error."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SynthesisError(f"{path}: not valid JSON ({exc}); remove the folder or choose another output") from None
+    if data.get("step") != STEP:
+        raise SynthesisError(f"{out} holds the output of step {data.get('step')!r}, not {STEP!r}; choose another "
+                             "output folder")
+    return data
+
+
+def _conflicts(stored: Mapping[str, Any], config: Mapping[str, Any], plan_hash: str) -> list[str]:
+    old, new = _compared_config(stored.get("config", {})), _compared_config(config)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not diffs and stored.get("plan_sha256") != plan_hash:
+        diffs.append("the plan (dataset, subset or pose file) differs")
+    return diffs
+
+
+def _clear_outputs(out: Path) -> None:
+    """--overwrite on a folder of this step: remove its images, CSVs and manifest (nothing else)."""
+    for name in _image_names(out):
+        (out / name).unlink()
+    for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV, MANIFEST_NAME):
+        (out / name).unlink(missing_ok=True)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    # What a kill during pcdms.io.atomic_path leaves behind: ".<name>.tmp.<random><suffix>".
+    for p in out.glob(".*.tmp.*"):
+        if p.is_file():
+            p.unlink()
+
+
+def _write_tables(out: Path, items: Sequence[SynthesisItem], subset_records: Sequence[ImageRecord]) -> dict[str, str]:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SYNTHESIS_COLUMNS)
+    for it in items:
+        writer.writerow((it.name, it.source.name, it.source.pid, it.source.camid, it.k, it.seed, it.target or "",
+                         json.dumps([list(p) for p in it.target_keypoints])))
+    write_text_atomic(out / SYNTHESIS_CSV, buf.getvalue())
+    write_annotation_csv(out / ANNOTATION_CSV, {it.name: np.array(it.target_keypoints) for it in items})
+    write_subset_csv(out / SUBSET_CSV, subset_records)
+    return {name: sha256_file(out / name) for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV)}
+
+
+def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
+    """Sources must be training images of ``dataset``; no pid may be a query/gallery identity (DESIGN §6)."""
+    train = {r.name: r for r in dataset.train}
+    test_pids = {r.pid for r in dataset.query + dataset.gallery}
+    for rec in records:
+        real = train.get(rec.name)
+        if real is None or (real.pid, real.camid) != (rec.pid, rec.camid):
+            raise DatasetError(f"{rec.name} (pid {rec.pid}) is not a training image of {dataset.root}; "
+                               "synthetic images are only made from the training split")
+        if rec.pid in test_pids:
+            raise DatasetError(f"{rec.name}: pid {rec.pid} is also a query/gallery identity of {dataset.root}; "
+                               "synthetic images must never carry a test identity")
+
+
+def synthesize(
+    cfg: SynthesisConfig,
+    dataset: ReidDataset,
+    subset_records: Sequence[ImageRecord],
+    out_dir: str | Path,
+    poses_csv: str | Path | None = None,
+    subset_file: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    sources_extra: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Run (or resume) the synthesis job of ``cfg`` for ``subset_records`` into ``out_dir``; return it.
+
+    ``poses_csv``: annotation file of the training images (default
+    ``<dataset root>/market-annotation-train.csv``; toy-oracle reads none). ``subset_file`` and
+    ``sources_extra`` are recorded in the manifest. An ``out_dir`` of an earlier run with another
+    config or plan is an error unless ``overwrite`` (then its images and tables are replaced);
+    ``batch_size`` and ``device`` may change between runs. ``log`` receives status lines.
+    """
+    say = log or (lambda _msg: None)
+    out = Path(out_dir).absolute()
+    records = sorted(subset_records, key=lambda r: r.name)
+    _check_identities(dataset, records)
+
+    # 1. The plan: every image of the job, before anything is written.
+    poses = None
+    toy_seed, image_size, poses_path = None, (128, 64), None
+    if cfg.generator == "toy-oracle":
+        toy = read_toy_manifest(dataset.root)
+        if toy is None:
+            raise SynthesisError(f"generator 'toy-oracle' only works on a toy Market made by make-toy-market; "
+                                 f"{dataset.root / MANIFEST_NAME} is missing or from another step")
+        toy_seed, image_size = int(toy["seed"]), tuple(toy.get("image_size", image_size))
+    else:
+        check_pcdms_weights(cfg)
+        poses_path = Path(poses_csv) if poses_csv is not None else dataset.root / DEFAULT_POSES_FILE
+        if not poses_path.is_file():
+            raise DatasetError(f"pose annotation file not found: {poses_path} (community Market format "
+                               "'name:keypoints_y:keypoints_x'; pass --poses FILE)")
+        poses = read_annotation_csv(poses_path)
+    items = plan_synthesis(cfg, records, poses, pool=pool_records(cfg.pose_pool, records, dataset.train),
+                           toy_seed=toy_seed, image_size=image_size, poses_file=poses_path)
+    plan_hash, config = plan_sha256(items), config_dict(cfg)
+
+    # 2. The output folder: new, ours with the same job (resume / done), or a conflict.
+    if out.exists() and not out.is_dir():
+        raise SynthesisError(f"{out} exists and is not a folder")
+    stored = read_synthesis_manifest(out) if out.is_dir() else None
+    if stored is None and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise SynthesisError(f"{out} is not empty and has no {STEP} manifest.json; choose an empty or new folder")
+    if stored is not None:
+        diffs = _conflicts(stored, config, plan_hash)
+        if diffs and not overwrite:
+            raise SynthesisError(f"{out} was made with another synthesis job ({'; '.join(diffs)}); use --overwrite "
+                                 "to replace it, or choose another output folder")
+        if overwrite:
+            _clear_outputs(out)
+            stored = None
+        _remove_stale_temps(out)
+    out.mkdir(parents=True, exist_ok=True)
+    planned = {it.name for it in items}
+    existing = _image_names(out)
+    unexpected = sorted(existing - planned)
+    if unexpected:
+        raise SynthesisError(f"{out} holds {len(unexpected)} image(s) this job does not make (e.g. {unexpected[0]}); "
+                             "remove them or use --overwrite")
+    todo = [it for it in items if it.name not in existing]
+    tables = (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV)
+    if stored is not None and stored.get("complete") and not todo and all((out / t).is_file() for t in tables):
+        say(f"{out}: complete ({len(items)} images, same config); nothing to do")
+        return out
+
+    # 3. Generate what is missing, each image written atomically.
+    checkpoints: dict[str, str] = {}
+    pipe = None
+    if todo and cfg.generator == "pcdms":
+        pipe = load_pcdms(cfg)
+        checkpoints["pipeline"] = sha256_folder(cfg.pipeline)
+        old = (stored or {}).get("checkpoints", {}).get("pipeline")
+        if old is not None and old != checkpoints["pipeline"] and not overwrite:
+            raise SynthesisError(f"{cfg.pipeline}: the pipeline weights changed since {out} was started "
+                                 "(sha256 differs); use --overwrite to start again")
+        image_size = tuple(pipe.preset.image_size)
+    elif cfg.generator == "pcdms":  # every image exists (a kill before the tables): keep what the run recorded
+        checkpoints = dict((stored or {}).get("checkpoints", {}))
+        image_size = tuple((stored or {}).get("image_size", image_size))
+    counts = {"sources": len(records), "sources_used": len({it.source.name for it in items}),
+              "images": len(items), "existing": len(items) - len(todo), "generated_this_run": len(todo)}
+    if poses is not None:
+        counts["skipped_missing_source_pose"] = sum(r.name not in poses for r in records)
+    sources = {"dataset_root": dataset.root, "subset_file": subset_file, "poses_csv": poses_path,
+               **(sources_extra or {})}
+
+    def manifest(complete: bool, outputs: Mapping[str, str] | None = None) -> None:
+        extra = {"complete": complete, "generator": cfg.generator, "allow_random_weights": cfg.allow_random_weights,
+                 "plan_sha256": plan_hash, "image_size": list(image_size), "jpeg_quality": JPEG_QUALITY,
+                 "counts": counts, "outputs": dict(outputs or {})}
+        if cfg.generator == "pcdms" and cfg.allow_random_weights:
+            extra["WARNING"] = RANDOM_WEIGHTS_WARNING
+        if cfg.generator == "toy-oracle":
+            extra["note"] = TOY_ORACLE_NOTE
+        write_manifest(out, STEP, config=config, seed=cfg.seed, sources=sources, checkpoints=checkpoints,
+                       extra=extra)
+
+    if todo:
+        say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)")
+        manifest(complete=False)  # marks the folder as this job's before the first image lands
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"synthesize ({cfg.generator})",
+                  unit="img", disable=not progress) as bar:
+            if cfg.generator == "toy-oracle":
+                _toy_generate(todo, out, toy_seed, image_size, bar)
+            else:
+                _pcdms_generate(items, {it.name for it in todo}, out, pipe, cfg, bar)
+
+    # 4. Tables and manifest from the full plan.
+    missing = planned - _image_names(out)
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} planned images are missing after generation (e.g. {min(missing)})")
+    manifest(complete=True, outputs=_write_tables(out, items, records))
+    say(f"{out}: complete ({len(items)} images)")
+    return out

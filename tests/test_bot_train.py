@@ -1,0 +1,193 @@
+"""BoT training loop: schedule, exact resume, synthetic identities, the train-bot command (tiny, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+from reid_aug.bot import train as bot_train
+from reid_aug.bot.features import extract_features
+from reid_aug.bot.data import load_images
+from reid_aug.bot.model import load_bot
+from reid_aug.bot.train import BotConfig, lr_factor, train_bot
+from reid_aug.cli import main
+from reid_aug.data.market import read_image_folder, read_market
+from reid_aug.data.subset import make_subset, write_subset_csv
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = BotConfig(
+    backbone="resnet18",
+    image_size=(32, 16),
+    epochs=4,
+    batch_size=8,
+    num_instances=4,
+    warmup_epochs=2,
+    milestones=(3,),
+    padding=2,
+    num_workers=1,
+    log_every=1,
+)
+
+
+def _person(pid: int, rng: np.random.Generator) -> np.ndarray:
+    """A 32x16 'person': a colour per identity over noise, so identities are learnable."""
+    base = np.random.default_rng(pid).integers(0, 256, 3)
+    img = np.clip(base + rng.normal(0, 25, (32, 16, 3)), 0, 255).astype(np.uint8)
+    return img
+
+
+def _write(folder: Path, pid: int, cam: int, frame: int, rng: np.random.Generator) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_person(pid, rng)).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_01.jpg")
+
+
+@pytest.fixture()
+def market(tmp_path: Path) -> Path:
+    """Tiny Market layout: 4 train ids x 4 images; query 2, gallery 4 (2 test ids)."""
+    root = tmp_path / "market"
+    rng = np.random.default_rng(0)
+    for pid in (1, 3, 5, 7):
+        for k in range(4):
+            _write(root / "bounding_box_train", pid, 1 + k % 2, 100 + k, rng)
+    for pid in (2, 4):
+        _write(root / "query", pid, 1, 1, rng)
+        _write(root / "bounding_box_test", pid, 2, 2, rng)
+        _write(root / "bounding_box_test", pid, 3, 3, rng)
+    return root
+
+
+def test_lr_schedule_follows_the_reference_code():
+    cfg = BotConfig()
+    assert lr_factor(0, cfg) == pytest.approx(0.01 * 0.9 + 0.1)  # epoch 1 = 0.109 x
+    assert lr_factor(8, cfg) == pytest.approx(0.01 * 0.1 + 0.9)
+    assert [lr_factor(e, cfg) for e in (9, 38)] == [1.0, 1.0]
+    assert lr_factor(39, cfg) == pytest.approx(0.1)  # x0.1 from the 40th epoch
+    assert lr_factor(68, cfg) == pytest.approx(0.1)
+    assert lr_factor(69, cfg) == pytest.approx(0.01)
+    assert lr_factor(119, cfg) == pytest.approx(0.01)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        BotConfig(batch_size=30)
+    with pytest.raises(ValueError, match="synthetic_share"):
+        BotConfig(synthetic_share=0.01)
+    with pytest.raises(ValueError, match="backbone"):
+        BotConfig(backbone="vit")
+
+
+class _Killed(Exception):
+    pass
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def _log(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch):
+    records = list(read_market(market).train)
+    straight = train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False)
+
+    calls = {"n": 0}
+    real_augment = bot_train.augment_batch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 2 batches per epoch: the 2nd batch of epoch 3
+            raise _Killed
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(bot_train, "augment_batch", killed_in_epoch_3)
+    with pytest.raises(_Killed):
+        train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False)
+    monkeypatch.setattr(bot_train, "augment_batch", real_augment)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert [r["epoch"] for r in _log(tmp_path / "b")] == ["1", "2"]
+    resumed = train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False)
+
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["epoch"] for r in log_b] == ["1", "2", "3", "4"]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert [float(r["lr"]) for r in log_a] == pytest.approx([3.5e-4 * f for f in (0.505, 1.0, 0.1, 0.1)])
+    assert straight == tmp_path / "a" / "model" and resumed == tmp_path / "b" / "model"
+
+    # A finished run is not redone; a different config on the same folder is refused.
+    monkeypatch.setattr(bot_train, "build_bot", lambda *a, **k: pytest.fail("retrained a finished run"))
+    assert train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False) == straight
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="another config"):
+        train_bot(dataclasses.replace(TINY, lr=1e-3), records, tmp_path / "a", device="cpu", progress=False)
+
+
+def test_trained_model_has_manifest_and_loads(market, tmp_path):
+    records = list(read_market(market).train)
+    cfg = dataclasses.replace(TINY, epochs=1, center_loss_weight=0.0, keep_checkpoint=False)
+    model_dir = train_bot(cfg, records, tmp_path / "run", device="cpu", progress=False, sources={"data": market})
+    model, config = load_bot(model_dir)
+    assert config["pids"] == [1, 3, 5, 7] and config["image_size"] == [32, 16] and config["num_classes"] == 4
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["step"] == "train-bot" and manifest["seed"] == 0
+    assert manifest["sources"]["data"] == str(market) and manifest["num_real_images"] == 16
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    feats = extract_features(model, load_images([r.path for r in records], (32, 16), progress=False))
+    assert feats.shape == (16, 512) and torch.isfinite(feats).all()
+
+
+def test_synthetic_identity_outside_the_training_set_is_rejected(market, tmp_path):
+    records = list(read_market(market).train)
+    rng = np.random.default_rng(1)
+    _write(tmp_path / "syn", 3, 1, 900, rng)
+    _write(tmp_path / "syn", 2, 1, 901, rng)  # pid 2 is a query/gallery identity
+    synthetic = read_image_folder(tmp_path / "syn", relabel=False, keep_distractors=False)
+    with pytest.raises(ValueError, match="person id 2 is not among the 4 real training identities"):
+        train_bot(TINY, records, tmp_path / "run", synthetic_records=synthetic, device="cpu", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_bot_command_one_epoch(market, tmp_path):
+    rng = np.random.default_rng(2)
+    for pid in (1, 3, 5, 7):
+        for k in range(2):
+            _write(tmp_path / "syn", pid, 3, 500 + k, rng)
+    subset = tmp_path / "subset.csv"
+    write_subset_csv(subset, make_subset(read_market(market).train, 0.5, seed=0))
+    out = tmp_path / "run"
+    args = [
+        "train-bot", "--config", str(REPO / "configs" / "bot_toy.yaml"), "--data", str(market),
+        "--subset", str(subset),
+        "--synthetic", str(tmp_path / "syn"), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+        "--image-size", "32x16", "--pretrained", "none", "--synthetic-share", "0.5", "--device", "cpu",
+        "--cache-dir", str(tmp_path / "cache"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "model in" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["backbone"] == "resnet18" and manifest["config"]["synthetic_share"] == 0.5
+    assert manifest["num_synthetic_images"] == 8 and manifest["sources"]["synthetic_0"] == str(tmp_path / "syn")
+    assert manifest["num_real_images"] == 8 and manifest["sources"]["subset"] == str(subset)
+    assert len(_log(out)) == 1
+    assert list((tmp_path / "cache").glob("*.npy"))
+    _, config = load_bot(out / "model")
+    assert config["image_size"] == [32, 16]
+
+    bad = CliRunner().invoke(main, ["train-bot", "--data", str(market), "--out", str(tmp_path / "x"),
+                                    "--pretrained", str(tmp_path / "resnet50-0676ba61.pth"), "--device", "cpu"])
+    assert bad.exit_code != 0 and "resnet50-0676ba61.pth" in bad.output

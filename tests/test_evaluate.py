@@ -1,0 +1,348 @@
+"""Market-1501 ranking metrics, distance matrices and k-reciprocal re-ranking."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reid_aug.evaluate import compute_distmat, evaluate_rank
+from reid_aug.rerank import re_ranking
+
+
+def _reference_rank(distmat, q_pids, g_pids, q_camids, g_camids):
+    """Per-query loop straight from the protocol's definition (stable order for ties)."""
+    aps, inps, firsts = [], [], []
+    for i in range(len(q_pids)):
+        order = np.argsort(distmat[i], kind="stable")
+        keep = ~((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i]))
+        hits = (g_pids[order] == q_pids[i])[keep]
+        if not hits.any():
+            continue
+        ranks = np.flatnonzero(hits) + 1  # 1-based ranks of the correct matches
+        aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+        inps.append(len(ranks) / ranks[-1])
+        firsts.append(ranks[0])
+    firsts = np.array(firsts)
+    return {"mAP": np.mean(aps), "mINP": np.mean(inps), "firsts": firsts, "n": len(aps)}
+
+
+def _random_case(rng, num_q=150, num_g=900, num_pids=40, ties=False):
+    q_pids = rng.integers(1, num_pids, num_q)
+    g_pids = rng.integers(0, num_pids + 10, num_g)  # 0 = distractors, some ids never queried
+    q_camids, g_camids = rng.integers(0, 6, num_q), rng.integers(0, 6, num_g)
+    dist = rng.random((num_q, num_g)).astype(np.float32)
+    if ties:
+        dist = np.round(dist * 20) / 20  # many equal distances per row
+    return dist, q_pids, g_pids, q_camids, g_camids
+
+
+def test_perfect_ranking_gives_one():
+    q_pids, q_cams = np.array([1, 2, 3]), np.array([0, 0, 0])
+    g_pids, g_cams = np.array([1, 2, 3, 1, 0]), np.array([1, 2, 3, 4, 1])
+    dist = np.array([[0.1, 0.9, 0.9, 0.2, 0.8], [0.9, 0.1, 0.9, 0.9, 0.8], [0.9, 0.9, 0.1, 0.9, 0.8]])
+    r = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=3)
+    assert r["rank1"] == r["mAP"] == r["mINP"] == 1.0
+    assert r["num_valid_queries"] == 3
+    np.testing.assert_allclose(r["cmc"], [1.0, 1.0, 1.0])
+
+
+def test_same_camera_matches_removed_other_same_camera_items_kept():
+    # Query pid 1 from camera 0. Gallery: its own same-camera shot (removed), another person
+    # in the same camera (kept), then the cross-camera match.
+    dist = np.array([[0.1, 0.2, 0.3]])
+    g_pids, g_cams = np.array([1, 2, 1]), np.array([0, 0, 1])
+    r = evaluate_rank(dist, np.array([1]), g_pids, np.array([0]), g_cams, max_rank=2)
+    assert r["rank1"] == 0.0 and r["rank5"] == 1.0
+    assert r["mAP"] == pytest.approx(0.5) and r["mINP"] == pytest.approx(0.5)
+    np.testing.assert_allclose(r["cmc"], [0.0, 1.0])  # only 2 gallery items survive for this query
+
+
+def test_distractors_stay_in_the_ranking():
+    dist = np.array([[0.05, 0.2]])
+    r = evaluate_rank(dist, np.array([7]), np.array([0, 7]), np.array([0]), np.array([1, 2]))
+    assert r["rank1"] == 0.0 and r["mAP"] == pytest.approx(0.5)
+
+
+def test_queries_without_valid_match_are_skipped():
+    # Query 0 (pid 5) has only a same-camera match, query 1 (pid 9) none at all: both skipped.
+    dist = np.array([[0.1, 0.5, 0.6], [0.3, 0.2, 0.1], [0.9, 0.1, 0.5]])
+    q_pids, q_cams = np.array([5, 9, 6]), np.array([0, 0, 0])
+    g_pids, g_cams = np.array([5, 6, 8]), np.array([0, 1, 1])
+    r = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
+    assert r["num_valid_queries"] == 1
+    assert r["rank1"] == 1.0 and r["mAP"] == 1.0
+
+
+def test_no_valid_query_is_an_error():
+    with pytest.raises(ValueError, match="no query has a correct match"):
+        evaluate_rank(np.ones((1, 2)), np.array([1]), np.array([1, 2]), np.array([0]), np.array([0, 1]))
+
+
+def test_known_ap_by_hand():
+    # Kept ranking (after removing the two same-camera pid-3 entries): hit, miss, hit, miss, miss, hit.
+    g_pids = np.array([3, 3, 4, 3, 3, 5, 6, 3, 0])
+    g_cams = np.array([1, 0, 1, 2, 0, 1, 1, 4, 2])
+    dist = np.array([[0.1, 0.15, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7]])
+    r = evaluate_rank(dist, np.array([3]), g_pids, np.array([0]), g_cams, max_rank=7)
+    assert r["mAP"] == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 3)
+    assert r["mINP"] == pytest.approx(3 / 6)
+    np.testing.assert_allclose(r["cmc"], np.ones(7))
+
+
+def test_ties_keep_gallery_order():
+    g_pids, g_cams = np.array([2, 1]), np.array([1, 1])
+    first = evaluate_rank(np.array([[0.5, 0.5]]), np.array([1]), g_pids, np.array([0]), g_cams)
+    assert first["rank1"] == 0.0 and first["mAP"] == pytest.approx(0.5)
+    swapped = evaluate_rank(np.array([[0.5, 0.5]]), np.array([1]), g_pids[::-1].copy(), np.array([0]), g_cams)
+    assert swapped["rank1"] == 1.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_matches_reference_loop_and_chunking(ties):
+    dist, q_pids, g_pids, q_cams, g_cams = _random_case(np.random.default_rng(1), ties=ties)
+    ref = _reference_rank(dist, q_pids, g_pids, q_cams, g_cams)
+    for chunk in (1, 17, 1000):
+        r = evaluate_rank(torch.from_numpy(dist), q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk_size=chunk)
+        assert r["num_valid_queries"] == ref["n"]
+        assert r["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)
+        assert r["mINP"] == pytest.approx(ref["mINP"], abs=1e-12)
+        expected_cmc = [(ref["firsts"] <= k).mean() for k in range(1, 21)]
+        np.testing.assert_allclose(r["cmc"], expected_cmc, atol=1e-12)
+        assert r["rank5"] == pytest.approx(expected_cmc[4]) and r["rank10"] == pytest.approx(expected_cmc[9])
+        assert 0.0 <= r["mINP"] <= r["mAP"] <= 1.0
+
+
+def test_max_rank_clamped_to_gallery_size():
+    r = evaluate_rank(np.array([[0.3, 0.1, 0.2]]), np.array([1]), np.array([2, 1, 3]), np.array([0]), np.array([1, 1, 1]))
+    assert len(r["cmc"]) == 3 and r["rank10"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((np.ones(3), [1], [1, 2, 3], [0], [0, 1, 2]), "2-D"),
+        ((np.ones((1, 3)), [1, 2], [1, 2, 3], [0], [0, 1, 2]), "q_pids"),
+        ((np.ones((1, 3)), [1], [1.0, 2.0, 3.0], [0], [0, 1, 2]), "integer"),
+        ((np.full((1, 3), np.nan), [1], [1, 2, 3], [0], [0, 1, 2]), "NaN"),
+    ],
+)
+def test_bad_input_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_rank(*args)
+
+
+def _torchreid_rank_module():
+    """torchreid's rank.py loaded by file: its package __init__ pulls in cv2, gdown, ... we don't need."""
+    spec = importlib.util.find_spec("torchreid")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("torchreid is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for rel in ("reid/metrics/rank.py", "metrics/rank.py"):  # torchreid-pip 0.2.5 / deep-person-reid
+        if (root / rel).is_file():
+            path = root / rel
+            break
+    else:
+        pytest.skip(f"no metrics/rank.py under {root}")
+    mod_spec = importlib.util.spec_from_file_location("_torchreid_rank", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Cython evaluation is unavailable"
+        mod_spec.loader.exec_module(module)
+    compiled = sorted(path.parent.glob("rank_cylib/rank_cy*.so")) + sorted(path.parent.glob("rank_cylib/rank_cy*.pyd"))
+    cython = None
+    if compiled:
+        loader = importlib.machinery.ExtensionFileLoader("rank_cy", str(compiled[0]))
+        cy_spec = importlib.util.spec_from_loader("rank_cy", loader)
+        cython = importlib.util.module_from_spec(cy_spec)
+        loader.exec_module(cython)
+    return module, cython
+
+
+def test_identical_to_torchreid():
+    tr_rank, tr_cython = _torchreid_rank_module()
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        dist, q_pids, g_pids, q_cams, g_cams = _random_case(rng, num_q=300, num_g=1500, num_pids=60)
+        ours = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+        cmc, mAP = tr_rank.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, 50, use_cython=False)
+        np.testing.assert_allclose(ours["cmc"], cmc, atol=1e-6)
+        assert ours["mAP"] == pytest.approx(mAP, abs=1e-6)
+        if tr_cython is not None:
+            cmc_cy, mAP_cy = tr_cython.evaluate_cy(
+                dist, q_pids.astype(np.int64), g_pids.astype(np.int64), q_cams.astype(np.int64),
+                g_cams.astype(np.int64), 50, False,
+            )
+            np.testing.assert_allclose(ours["cmc"], cmc_cy, atol=1e-6)
+            assert ours["mAP"] == pytest.approx(mAP_cy, abs=1e-6)
+
+
+def test_compute_distmat_cosine_and_euclidean():
+    rng = np.random.default_rng(0)
+    q, g = torch.from_numpy(rng.normal(size=(4, 8))).float(), torch.from_numpy(rng.normal(size=(6, 8))).float()
+    cos = compute_distmat(q, g, "cosine")
+    expected = 1 - torch.nn.functional.cosine_similarity(q[:, None], g[None], dim=2)
+    torch.testing.assert_close(cos, expected, atol=1e-5, rtol=0)
+    assert compute_distmat(q, q, "cosine").diagonal().abs().max() < 1e-5
+    euc = compute_distmat(q, g, "euclidean")
+    torch.testing.assert_close(euc, torch.cdist(q, g) ** 2, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="metric"):
+        compute_distmat(q, g, "manhattan")
+    with pytest.raises(ValueError, match="same D"):
+        compute_distmat(q, g[:, :5])
+
+
+# ---- k-reciprocal re-ranking -------------------------------------------------------------------
+
+
+def _dense_re_ranking(q_g, q_q, g_g, k1, k2, lam):
+    """Zhong et al. 2017 written as plainly as possible (dense, per-element loops); small N only."""
+    num_q = q_g.shape[0]
+    d = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
+    n = len(d)
+    d = d / d.max(1, keepdims=True)
+    knn = [[p] + [j for j in np.argsort(d[p], kind="stable") if j != p][:k1] for p in range(n)]
+
+    def recip(p, k):
+        return {g for g in knn[p][: k + 1] if p in knn[g][: k + 1]}
+
+    v = np.zeros((n, n))
+    for p in range(n):
+        base = recip(p, k1)
+        full = set(base)
+        for q in base:
+            cand = recip(q, int(round(k1 / 2)))
+            if len(base & cand) >= 2 / 3 * len(cand):
+                full |= cand
+        idx = sorted(full)
+        v[p, idx] = np.exp(-d[p, idx]) / np.exp(-d[p, idx]).sum()
+    if k2 > 1:
+        v = np.stack([v[knn[p][:k2]].mean(0) for p in range(n)])
+    jac = np.array([[1 - np.minimum(v[i], v[num_q + j]).sum() / np.maximum(v[i], v[num_q + j]).sum()
+                     for j in range(q_g.shape[1])] for i in range(num_q)])
+    return (1 - lam) * jac + lam * d[:num_q, num_q:]
+
+
+def _clustered(rng, num_q, num_g, num_pids, noise, dim=16):
+    centers = rng.normal(size=(num_pids, dim))
+    q_pids = rng.integers(0, num_pids, num_q) + 1
+    g_pids = np.concatenate([np.arange(num_pids), rng.integers(0, num_pids, num_g - num_pids)]) + 1
+    q = torch.tensor(centers[q_pids - 1] + noise * rng.normal(size=(num_q, dim))).float()
+    g = torch.tensor(centers[g_pids - 1] + noise * rng.normal(size=(num_g, dim))).float()
+    q_cams, g_cams = rng.integers(0, 6, num_q), rng.integers(0, 6, num_g)
+    return q, g, q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("metric, k1, k2", [("cosine", 20, 6), ("euclidean", 6, 1), ("cosine", 8, 3)])
+def test_re_ranking_matches_dense_definition(metric, k1, k2):
+    q, g, *_ = _clustered(np.random.default_rng(3), 12, 40, 8, noise=0.8)
+    blocks = [compute_distmat(a, b, metric).numpy() for a, b in ((q, g), (q, q), (g, g))]
+    ours = re_ranking(*blocks, k1=k1, k2=k2, lambda_value=0.3, chunk_size=5)
+    assert isinstance(ours, np.ndarray) and ours.shape == (12, 40) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, _dense_re_ranking(*blocks, k1, k2, 0.3), atol=1e-5)
+
+
+def test_re_ranking_is_a_valid_distance_and_helps_clustered_data():
+    q, g, q_pids, g_pids, q_cams, g_cams = _clustered(np.random.default_rng(0), 60, 400, 40, noise=1.0, dim=32)
+    q_g, q_q, g_g = (compute_distmat(a, b) for a, b in ((q, g), (q, q), (g, g)))
+    rr = re_ranking(q_g, q_q, g_g)
+    assert isinstance(rr, torch.Tensor) and rr.shape == q_g.shape
+    assert torch.isfinite(rr).all() and rr.min() >= 0 and rr.max() <= 1 + 1e-6
+    before = evaluate_rank(q_g, q_pids, g_pids, q_cams, g_cams)
+    after = evaluate_rank(rr, q_pids, g_pids, q_cams, g_cams)
+    assert after["mAP"] >= before["mAP"]
+    # lambda = 1 keeps only the (row-normalised) original distance: same ranking as before.
+    only_original = re_ranking(q_g, q_q, g_g, lambda_value=1.0)
+    assert evaluate_rank(only_original, q_pids, g_pids, q_cams, g_cams)["mAP"] == pytest.approx(before["mAP"])
+
+
+def test_re_ranking_bad_input():
+    d = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="disagree"):
+        re_ranking(d, np.zeros((3, 3)), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="non-negative"):
+        re_ranking(-d, np.zeros((3, 3)), np.zeros((5, 5)))
+    with pytest.raises(ValueError, match="k1"):
+        re_ranking(d, np.zeros((3, 3)), np.zeros((5, 5)), k1=20)
+
+
+# ---- evaluate_model end to end -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_market(tmp_path_factory):
+    from reid_aug.bot.model import build_bot, save_bot
+    from reid_aug.data.toy import make_toy_market
+
+    root = tmp_path_factory.mktemp("eval")
+    market = make_toy_market(root / "market", num_ids=6, images_per_id=(2, 3), seed=0)
+    torch.manual_seed(0)
+    model = build_bot(num_classes=3, backbone="resnet18")
+    folder = save_bot(root / "model", model, extra_config={"image_size": [64, 32]})
+    return folder, market
+
+
+def test_evaluate_model_end_to_end(tiny_model_and_market, tmp_path):
+    import json
+
+    from pcdms.io import sha256_folder
+    from reid_aug.bot.data import load_images
+    from reid_aug.bot.features import extract_features
+    from reid_aug.bot.model import load_bot
+    from reid_aug.data.market import read_reid_dataset
+    from reid_aug.evaluate import PROTOCOL, evaluate_model
+
+    folder, market = tiny_model_and_market
+    m = evaluate_model(folder, market, out_path=tmp_path / "cell", rerank=True, batch_size=4, device="cpu")
+    on_disk = json.loads((tmp_path / "cell" / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(m))
+    dataset = read_reid_dataset(market)
+    assert m["num_query"] == len(dataset.query) and m["num_gallery"] == len(dataset.gallery)
+    assert m["protocol"] == PROTOCOL and m["model_sha256"] == sha256_folder(folder)
+    assert m["rank1_pct"] == pytest.approx(100 * m["rank1"]) and m["mAP_pct"] == pytest.approx(100 * m["mAP"])
+    k1 = min(20, m["num_query"] + m["num_gallery"] - 1)  # the toy set may hold fewer than 21 images
+    assert m["rerank"]["params"] == {"k1": k1, "k2": min(6, k1 + 1), "lambda_value": 0.3}
+    assert 0.0 <= m["rerank"]["mAP"] <= 1.0
+
+    # Same numbers as doing each step by hand: the ids reach evaluate_rank in image order.
+    model, _ = load_bot(folder, "cpu")
+    q = extract_features(model, load_images([r.path for r in dataset.query], (64, 32), progress=False))
+    g = extract_features(model, load_images([r.path for r in dataset.gallery], (64, 32), progress=False))
+    by_hand = evaluate_rank(compute_distmat(q, g), [r.pid for r in dataset.query], [r.pid for r in dataset.gallery],
+                            [r.camid for r in dataset.query], [r.camid for r in dataset.gallery])
+    assert m["mAP"] == pytest.approx(by_hand["mAP"]) and m["cmc"] == pytest.approx(by_hand["cmc"].tolist())
+
+    flipped = evaluate_model(folder, market, out_path=tmp_path / "flip.json", flip=True, device="cpu")
+    assert (tmp_path / "flip.json").is_file() and flipped["flip"] is True and flipped["rerank"] is None
+
+
+def test_evaluate_model_needs_image_size(tiny_model_and_market, tmp_path):
+    import json
+    import shutil
+
+    from reid_aug.evaluate import evaluate_model
+
+    folder, market = tiny_model_and_market
+    broken = shutil.copytree(folder, tmp_path / "model")
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["image_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="image_size"):
+        evaluate_model(broken, market, device="cpu")
+
+
+def test_evaluate_cli_prints_summary(tiny_model_and_market, tmp_path):
+    from click.testing import CliRunner
+
+    from reid_aug.cli import main
+
+    folder, market = tiny_model_and_market
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--data", str(market),
+                                       "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Rank-1" in result.output and "mAP" in result.output and (tmp_path / "metrics.json").is_file()

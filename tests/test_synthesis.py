@@ -1,0 +1,411 @@
+"""Synthesis job (reid_aug.synthesis, reid_aug.posebank): pose bank, naming, toy-oracle and PCDMs paths, resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pcdms.encoders import WeightsNotFoundError
+from pcdms.io import sha256_file
+from pcdms.pose import read_annotation_csv, write_annotation_csv
+from reid_aug.cli import main
+from reid_aug.cli import synth_cmds  # noqa: F401  registers `synthesize`
+from reid_aug.cli.config import ConfigError, load_config
+from reid_aug.data import toy
+from reid_aug.data.market import DatasetError, ImageRecord, parse_market_name, read_image_folder, read_reid_dataset
+from reid_aug.data.subset import make_subset, write_subset_csv
+from reid_aug.posebank import build_pose_bank, draw_targets, is_usable_pose, item_seed, name_key
+from reid_aug.synthesis import (
+    ANNOTATION_CSV, SYNTHESIS_CSV, SynthesisConfig, SynthesisError, plan_synthesis, synthesize, synthetic_name,
+    toy_oracle_image,
+)
+
+TOY = SynthesisConfig(generator="toy-oracle", per_image=2)
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory) -> Path:
+    return toy.make_toy_market(tmp_path_factory.mktemp("toy") / "market", num_ids=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(market):
+    return read_reid_dataset(market)
+
+
+@pytest.fixture(scope="module")
+def subset(dataset):
+    return make_subset(dataset.train, 0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def poses(market):
+    return read_annotation_csv(market / "market-annotation-train.csv")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix == ".jpg"}
+
+
+# --------------------------------------------------------------------------- pose bank
+
+
+def _pose(visible: int = 18, neck: bool = True, hips: int = 2) -> np.ndarray:
+    kp = np.tile(np.array([[10, 20]], np.int64), (18, 1)) + np.arange(18)[:, None]
+    kp[visible:] = -1
+    if not neck:
+        kp[1] = -1
+    if hips < 2:
+        kp[8] = -1
+    if hips < 1:
+        kp[11] = -1
+    return kp
+
+
+def _rec(name: str) -> ImageRecord:
+    pid, camid = parse_market_name(name)
+    return ImageRecord(Path(name), name, pid, camid, pid)
+
+
+def test_usable_pose_rule():
+    assert is_usable_pose(_pose(), 8)
+    assert is_usable_pose(_pose(hips=1), 8)  # one hip is enough
+    assert not is_usable_pose(_pose(neck=False), 8)
+    assert not is_usable_pose(_pose(hips=0), 8)
+    assert is_usable_pose(_pose(visible=12), 12) and not is_usable_pose(_pose(visible=12), 13)
+
+
+def _bank_records(num_pids: int = 4, per_pid: int = 5) -> list[ImageRecord]:
+    return [_rec(f"{pid:04d}_c{1 + i % 3}s1_{100 * pid + i:06d}_01.jpg")
+            for pid in range(1, num_pids + 1) for i in range(per_pid)]
+
+
+def test_draws_are_seeded_distinct_and_never_the_source_pose():
+    records = _bank_records()
+    poses = {r.name: _pose() for r in records}
+    bank = build_pose_bank(poses, records, 8)
+    for src in records:
+        other = draw_targets(bank, src, 3, seed=0, identity="other")
+        assert other == draw_targets(bank, src, 3, seed=0, identity="other")
+        assert draw_targets(bank, src, 2, seed=0, identity="other") == other[:2]  # more k keep the first ones
+        assert len(set(other)) == 3
+        assert all(bank.pids[j] != src.pid for j in other)
+        anyid = draw_targets(bank, src, 19, seed=0, identity="any")
+        assert src.name not in {bank.names[j] for j in anyid} and len(set(anyid)) == 19  # all 19 others
+    draws = [tuple(draw_targets(bank, r, 3, seed, "other")) for r in records for seed in (0, 1)]
+    assert len(set(draws)) > len(records)  # the seed changes the draws
+    # Stable across processes and versions: names are hashed with SHA-256, not hash().
+    assert name_key("0002_c1s1_000451_03.jpg") == 0x02A46551C2ADF1EB
+    assert item_seed(0, 1, "0002_c1s1_000451_03.jpg", 1) == 5738950807107810233
+
+
+def test_bank_skips_unusable_and_unannotated_and_reports_them():
+    records = _bank_records(3, 4)
+    poses = {r.name: _pose() for r in records}
+    poses[records[0].name] = _pose(neck=False)
+    poses[records[1].name] = _pose(visible=5)
+    del poses[records[2].name]
+    bank = build_pose_bank(poses, records, 8)
+    assert len(bank) == len(records) - 3 and (bank.num_unusable, bank.num_unannotated) == (2, 1)
+    assert not {r.name for r in records[:3]} & set(bank.names)
+    lonely = build_pose_bank(poses, records[4:8], 8)  # one identity only
+    with pytest.raises(ValueError, match="no pose of another identity.*pose_pool: train"):
+        draw_targets(lonely, records[4], 1, 0, "other")
+
+
+def test_plan_uses_only_the_subset_pool(dataset, subset, poses):
+    cfg = SynthesisConfig(per_image=3, pipeline=Path("unused"))
+    items = plan_synthesis(cfg, subset, poses)
+    names = {r.name for r in subset}
+    assert len(items) == 3 * len(subset)
+    assert all(it.target in names and it.target != it.source.name for it in items)
+    assert all(parse_market_name(it.target)[0] != it.source.pid for it in items)
+    assert all(np.array_equal(np.array(it.target_keypoints), poses[it.target]) for it in items)
+    assert all(np.array_equal(np.array(it.source_keypoints), poses[it.source.name]) for it in items)
+    assert plan_synthesis(cfg, list(reversed(subset)), poses) == items  # order-free, deterministic
+    whole = plan_synthesis(dataclasses.replace(cfg, pose_pool="train"), subset, poses, pool=dataset.train)
+    assert {it.target for it in whole} - names  # the train pool reaches poses outside the subset
+    with pytest.raises(SynthesisError, match="pool=dataset.train"):
+        plan_synthesis(dataclasses.replace(cfg, pose_pool="train"), subset, poses)
+
+
+def test_missing_source_pose_is_an_error_or_skipped(subset, poses):
+    cfg = SynthesisConfig(pipeline=Path("unused"))
+    holey = {k: v for k, v in poses.items() if k != subset[1].name}
+    with pytest.raises(DatasetError, match=f"poses.csv: no pose row for 1 subset image.*{subset[1].name}"):
+        plan_synthesis(cfg, subset, holey, poses_file="poses.csv")
+    items = plan_synthesis(dataclasses.replace(cfg, missing_source_pose="skip"), subset, holey)
+    assert len(items) == len(subset) - 1 and subset[1].name not in {it.source.name for it in items}
+
+
+# --------------------------------------------------------------------------- naming, config
+
+
+def test_synthetic_names_parse_back_to_the_source_labels():
+    src = _rec("0002_c1s1_000451_03.jpg")
+    assert synthetic_name(src, 1) == "0002_c1s1_000451_03_syn01.jpg"
+    assert parse_market_name(synthetic_name(src, 1)) == (2, 0)
+    duke = _rec("0005_c2_f0046182.jpg")
+    assert parse_market_name(synthetic_name(duke, 0)) == (5, 1)
+    msmt = ImageRecord(Path("x"), "0012_017_04_0303morning_0015_0.jpg", 12, 3, 12)  # MSMT17: camera in field 3
+    assert synthetic_name(msmt, 0) == "0012_c4_0012_017_04_0303morning_0015_0_syn00.jpg"
+    assert parse_market_name(synthetic_name(msmt, 0)) == (12, 3)
+
+
+def test_config_validation(tmp_path):
+    for bad in (dict(per_image=0), dict(generator="gan"), dict(pose_pool="all"), dict(scheduler="pndm"),
+                dict(dtype="int8"), dict(guidance_scale=float("nan")), dict(device="gpu0")):
+        with pytest.raises(ValueError):
+            SynthesisConfig(**bad)
+    path = tmp_path / "s.yaml"
+    path.write_text("generator: toy-oracle\nper_image: 3\nsteps: 4\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(SynthesisConfig, path)
+    path.write_text("generator: pcdms\npipeline: some/dir\nper_image: 3\n")
+    cfg = load_config(SynthesisConfig, path, {"per_image": None, "seed": 4})
+    assert cfg.pipeline == Path("some/dir") and cfg.per_image == 3 and cfg.seed == 4
+
+
+# --------------------------------------------------------------------------- toy oracle
+
+
+def test_toy_oracle_reproduces_a_real_toy_image(market):
+    meta = toy.read_toy_manifest(market)
+    cfg = toy.ToyConfig(**{**meta["config"], "images_per_id": tuple(meta["config"]["images_per_id"])})
+    shot = toy.plan_identity(cfg, meta["seed"], 3)[2]
+    img, kp = toy_oracle_image(meta["seed"], shot.pid, shot.camid - 1, shot.pose,
+                               toy._rng(meta["seed"], toy._S_IMAGE, shot.pid + 1, shot.index))
+    ref_img, ref_kp = toy.render_shot(shot, meta["seed"])
+    assert np.array_equal(np.asarray(img), np.asarray(ref_img)) and np.array_equal(kp, ref_kp)
+
+
+def test_toy_oracle_end_to_end(tmp_path, dataset, subset):
+    out = synthesize(TOY, dataset, subset, tmp_path / "syn", subset_file="f0.2.csv", progress=False)
+    records = read_image_folder(out, relabel=False, keep_distractors=False)
+    assert len(records) == 2 * len(subset)
+    sources = {r.name: r for r in subset}
+    rows = list(csv.DictReader((out / SYNTHESIS_CSV).open()))
+    assert [r["name"] for r in rows] == [r.name for r in records]
+    for rec, row in zip(records, rows):
+        src = sources[row["source"]]
+        assert (rec.pid, rec.camid) == (src.pid, src.camid) == (int(row["pid"]), int(row["camid"]))
+        assert rec.name == synthetic_name(src, int(row["k"]))
+        with Image.open(rec.path) as im:
+            assert im.size == (64, 128) and im.format == "JPEG"
+    annotation = read_annotation_csv(out / ANNOTATION_CSV)
+    assert set(annotation) == {r.name for r in records}
+    for row in rows:
+        assert annotation[row["name"]].tolist() == json.loads(row["target_keypoints"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == "synthesize" and manifest["complete"] and manifest["generator"] == "toy-oracle"
+    assert "NOT a generative model" in manifest["note"] and manifest["config"]["per_image"] == 2
+    assert manifest["sources"]["subset_file"] == "f0.2.csv" and manifest["counts"]["images"] == len(records)
+    assert {r.pid for r in records} <= {r.pid for r in subset}
+    assert not {r.pid for r in records} & {r.pid for r in dataset.query + dataset.gallery}
+
+
+def test_resume_after_a_kill_makes_exactly_the_missing_images(tmp_path, dataset, subset, monkeypatch):
+    reference = _hashes(synthesize(TOY, dataset, subset, tmp_path / "ref", progress=False))
+    import reid_aug.synthesis as synthesis
+
+    real_save, calls = synthesis._save_jpeg, []
+
+    def killed_after_five(img, path):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(path.name)
+        real_save(img, path)
+
+    monkeypatch.setattr(synthesis, "_save_jpeg", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(TOY, dataset, subset, tmp_path / "run", progress=False)
+    monkeypatch.setattr(synthesis, "_save_jpeg", real_save)
+    assert len(_hashes(tmp_path / "run")) == 5
+    assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+    (tmp_path / "run" / ".x.jpg.tmp.abc.jpg").write_bytes(b"half")  # what a kill inside atomic_path leaves
+    synthesize(dataclasses.replace(TOY, batch_size=3), dataset, subset, tmp_path / "run", progress=False)
+    assert _hashes(tmp_path / "run") == reference
+    assert not list((tmp_path / "run").glob(".*"))
+
+    out = tmp_path / "run"
+    victim = sorted(reference)[3]
+    (out / victim).unlink()
+    stamps = {n: os.stat(out / n).st_mtime_ns for n in reference if n != victim}
+    logs: list[str] = []
+    synthesize(TOY, dataset, subset, out, progress=False, log=logs.append)
+    assert "1 of" in logs[0] and _hashes(out) == reference
+    assert stamps == {n: os.stat(out / n).st_mtime_ns for n in stamps}  # nothing else rewritten
+    logs.clear()
+    synthesize(TOY, dataset, subset, out, progress=False, log=logs.append)
+    assert logs == [f"{out}: complete ({len(reference)} images, same config); nothing to do"]
+
+
+def test_config_changes_against_an_existing_folder(tmp_path, dataset, subset, market):
+    out = synthesize(TOY, dataset, subset, tmp_path / "syn", progress=False)
+    with pytest.raises(SynthesisError, match=r"per_image: 2 -> 3.*--overwrite"):
+        synthesize(dataclasses.replace(TOY, per_image=3), dataset, subset, out, progress=False)
+    with pytest.raises(SynthesisError, match="plan"):
+        synthesize(TOY, dataset, make_subset(dataset.train, 0.4, seed=0), out, progress=False)
+    synthesize(dataclasses.replace(TOY, per_image=3), dataset, subset, out, overwrite=True, progress=False)
+    assert len(read_image_folder(out, relabel=False, keep_distractors=False)) == 3 * len(subset)
+    (out / "0001_c1s1_000001_01_syn00.jpg").write_bytes(b"")
+    with pytest.raises(SynthesisError, match="1 image.*this job does not make"):
+        synthesize(dataclasses.replace(TOY, per_image=3), dataset, subset, out, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SynthesisError, match="not empty and has no synthesize manifest"):
+        synthesize(TOY, dataset, subset, tmp_path / "other", progress=False, overwrite=True)
+    # toy-oracle needs the toy manifest; a real (or copied) dataset has none.
+    plain = tmp_path / "plain"
+    shutil.copytree(market, plain)
+    (plain / "manifest.json").unlink()
+    with pytest.raises(SynthesisError, match="only works on a toy Market made by make-toy-market"):
+        synthesize(TOY, read_reid_dataset(plain), subset, tmp_path / "x", progress=False)
+
+
+def test_sources_must_be_training_images_of_training_identities(tmp_path, dataset, subset):
+    with pytest.raises(DatasetError, match="not a training image"):
+        synthesize(TOY, dataset, [*subset, dataset.query[0]], tmp_path / "a", progress=False)
+    leaky = dataclasses.replace(dataset, gallery=dataset.gallery + (dataclasses.replace(dataset.gallery[0],
+                                                                                         pid=subset[0].pid),))
+    with pytest.raises(DatasetError, match="query/gallery identity"):
+        synthesize(TOY, leaky, subset, tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- PCDMs path
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    from pcdms import build_model, get_preset
+    from pcdms.encoders import build_encoders
+    from pcdms.pipeline import PCDMsPipeline
+
+    tiny = get_preset("tiny")
+    torch.manual_seed(0)
+    stages = [build_model(stage, tiny).eval() for stage in ("prior", "inpaint", "refine")]
+    folder = tmp_path_factory.mktemp("pcdms") / "pipeline"
+    PCDMsPipeline(*stages, build_encoders(tiny, allow_random=True), tiny).save_pretrained(folder)
+    return folder
+
+
+def _pcdms_cfg(pipeline: Path, **kw) -> SynthesisConfig:
+    return SynthesisConfig(generator="pcdms", pipeline=pipeline, allow_random_weights=True, num_inference_steps=2,
+                           device="cpu", **kw)
+
+
+def test_pcdms_path_writes_reproducible_images(tmp_path, dataset, subset, tiny_pipeline, monkeypatch):
+    torch.set_num_threads(1)
+    sources = [next(r for r in subset if r.pid == pid) for pid in sorted({r.pid for r in subset})][:3]
+    cfg = _pcdms_cfg(tiny_pipeline, batch_size=3)
+    a = synthesize(cfg, dataset, sources, tmp_path / "a", progress=False)
+    b = synthesize(cfg, dataset, sources, tmp_path / "b", progress=False)
+    assert _hashes(a) == _hashes(b) and len(_hashes(a)) == 3
+    for rec in read_image_folder(a, relabel=False, keep_distractors=False):
+        with Image.open(rec.path) as im:
+            assert im.size == (64, 128)
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["allow_random_weights"] and "RANDOM weights" in manifest["WARNING"]
+    assert len(manifest["checkpoints"]["pipeline"]) == 64
+    assert manifest["sources"]["poses_csv"].endswith("market-annotation-train.csv")
+    rows = list(csv.DictReader((a / SYNTHESIS_CSV).open()))
+    assert all(r["target"] in {s.name for s in sources} for r in rows)  # the pose pool is the subset given
+    # Per-image noise generators: batches of one give the batch-of-three images up to float rounding
+    # (a rounding flip of one 8-bit level moves a few JPEG pixels by a few levels).
+    c = synthesize(dataclasses.replace(cfg, batch_size=1), dataset, sources, tmp_path / "c", progress=False)
+    for name in _hashes(a):
+        with Image.open(a / name) as x, Image.open(c / name) as y:
+            diff = np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16))
+            assert diff.max() <= 8 and diff.mean() < 0.1
+    # Killed after the first image of a batch: the resumed run redoes that batch, bit-identical.
+    import reid_aug.synthesis as synthesis
+
+    real_save = synthesis._save_jpeg
+    saved: list[str] = []
+
+    def killed_after_one(img, path):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path.name)
+        real_save(img, path)
+
+    monkeypatch.setattr(synthesis, "_save_jpeg", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(cfg, dataset, sources, tmp_path / "e", progress=False)
+    monkeypatch.setattr(synthesis, "_save_jpeg", real_save)
+    assert len(_hashes(tmp_path / "e")) == 1
+    synthesize(cfg, dataset, sources, tmp_path / "e", progress=False)
+    assert _hashes(tmp_path / "e") == _hashes(a)
+    d = synthesize(dataclasses.replace(cfg, seed=1), dataset, sources, tmp_path / "d", progress=False)
+    for name in _hashes(a):
+        with Image.open(a / name) as x, Image.open(d / name) as y:
+            assert np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).mean() > 5  # another seed: other noise
+
+
+def test_pcdms_missing_source_pose_names_image_and_file(tmp_path, dataset, subset, poses, tiny_pipeline):
+    sources = [subset[0], next(r for r in subset if r.pid != subset[0].pid)]
+    holey = tmp_path / "poses.csv"
+    write_annotation_csv(holey, {k: v for k, v in poses.items() if k != sources[0].name})
+    with pytest.raises(DatasetError, match=f"poses.csv: no pose row.*{sources[0].name}.*missing_source_pose: skip"):
+        synthesize(_pcdms_cfg(tiny_pipeline), dataset, sources, tmp_path / "a", poses_csv=holey, progress=False)
+    # The skipped image's pose is missing from the bank too, so the other source draws from the train pool.
+    out = synthesize(_pcdms_cfg(tiny_pipeline, missing_source_pose="skip", pose_pool="train"), dataset, sources,
+                     tmp_path / "b", poses_csv=holey, progress=False)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["skipped_missing_source_pose"] == 1 and counts["images"] == 1
+
+
+def test_pcdms_refuses_missing_weights(tmp_path, dataset, subset, tiny_pipeline):
+    cfg = SynthesisConfig(generator="pcdms")
+    with pytest.raises(WeightsNotFoundError, match=r"pipeline: DIR \(--pipeline DIR\)"):
+        synthesize(cfg, dataset, subset, tmp_path / "a", progress=False)
+    with pytest.raises(WeightsNotFoundError, match=f"{tmp_path / 'nope'} not found"):
+        synthesize(dataclasses.replace(cfg, pipeline=tmp_path / "nope"), dataset, subset, tmp_path / "a")
+    no_encoders = dataclasses.replace(cfg, pipeline=tiny_pipeline, dino_path=tmp_path / "dino")
+    with pytest.raises(WeightsNotFoundError, match=r"clip_checkpoint \(--clip-checkpoint\).*ViT-H-14.*vae_path") as err:
+        synthesize(no_encoders, dataset, subset, tmp_path / "a", progress=False)
+    assert "dino_path" not in str(err.value)
+    assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_fraction_subset_file_and_errors(tmp_path, market, dataset):
+    runner = CliRunner()
+    args = ["synthesize", "--data", str(market), "--generator", "toy-oracle", "--per-image", "1"]
+    res = runner.invoke(main, [*args, "--subset", "0.4", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    expected = make_subset(dataset.train, 0.4, seed=0)
+    assert len(read_image_folder(tmp_path / "f", relabel=False, keep_distractors=False)) == len(expected)
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["sources"]["subset_fraction"] == "0.4" and manifest["config"]["generator"] == "toy-oracle"
+    res = runner.invoke(main, [*args, "--subset", "0.4", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0 and "nothing to do" in res.output
+
+    subset_csv = tmp_path / "sub.csv"
+    write_subset_csv(subset_csv, expected[:4])
+    res = runner.invoke(main, [*args, "--subset", str(subset_csv), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert len(read_image_folder(tmp_path / "s", relabel=False, keep_distractors=False)) == 4
+    res = runner.invoke(main, [*args, "--per-image", "2", "--subset", str(subset_csv), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 1 and "per_image: 1 -> 2" in res.output
+
+    res = runner.invoke(main, [*args, "--subset", "most", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "neither an existing subset CSV nor a fraction" in res.output
+    res = runner.invoke(main, [*args, "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--subset FILE|FRACTION or --fraction" in res.output
+    res = runner.invoke(main, ["synthesize", "--data", str(market), "--fraction", "0.2", "--out", str(tmp_path / "p"),
+                               "--allow-random-weights"])
+    assert res.exit_code == 1 and "WARNING" in res.stderr and "--pipeline DIR" in res.output
