@@ -64,3 +64,15 @@ def sha256_folder(path: str | os.PathLike) -> str:
         h.update(str(p.relative_to(root)).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a JSON file holding an object; malformed content is a ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from pcdms.io import write_json_atomic
+from pcdms.io import read_json_object, write_json_atomic
 
 import reid_aug
 
@@ -66,3 +66,9 @@ def write_manifest(folder: str | Path, step: str, **fields: Any) -> Path:
     path = Path(folder) / MANIFEST_NAME
     write_json_atomic(path, build_manifest(step, **fields))
     return path
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """``folder/manifest.json`` as a dict, or None if there is none; a malformed one is a ValueError naming it."""
+    path = Path(folder) / MANIFEST_NAME
+    return read_json_object(path) if path.is_file() else None

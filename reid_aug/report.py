@@ -25,10 +25,10 @@ from typing import Any
 
 import pandas as pd
 
-from pcdms.io import atomic_path, write_text_atomic
+from pcdms.io import atomic_path, read_json_object, write_text_atomic
 from reid_aug.evaluate import METRICS_NAME
 from reid_aug.layout import STANDARD, fraction_dirname, seed_dirname
-from reid_aug.manifest import MANIFEST_NAME
+from reid_aug.manifest import MANIFEST_NAME, read_manifest
 from reid_aug.published import BOT_MARKET, BOT_SOURCE, TABLE2_FRACTIONS, TABLE2_RANK1, TABLE2_SOURCE, display_name
 
 METRIC_COLUMNS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -73,11 +73,9 @@ def _parse_seed(path: Path) -> int:
 
 def _read_metrics(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: unreadable metrics file ({exc})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object")
+        data = read_json_object(path)
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"unreadable metrics file: {exc}") from None
     row: dict[str, Any] = {}
     for key in METRIC_COLUMNS:
         value = data.get(key)
@@ -136,16 +134,10 @@ def collect_results(run_dir: str | Path) -> pd.DataFrame:
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path}: unreadable run manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return data
+        return read_manifest(run_dir)
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"unreadable run manifest: {exc}") from None
 
 
 def _method_order(df: pd.DataFrame, manifest: dict[str, Any] | None) -> list[str]:

@@ -14,7 +14,6 @@ checkpoint, synthesis from the images already written).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ from reid_aug.data.market import ReidDataset, read_image_folder, read_reid_datas
 from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
 from reid_aug.layout import STANDARD, cell_dir, subset_path, synthetic_dir
-from reid_aug.manifest import MANIFEST_NAME, write_manifest
+from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from reid_aug.synthesis import SynthesisConfig, synthesize
 
 @dataclass(frozen=True)
@@ -68,17 +67,14 @@ class ExperimentConfig:
 
 def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool) -> None:
     """A run folder belongs to one experiment config: mixing two would corrupt the table."""
-    path = run_dir / MANIFEST_NAME
-    if not path.is_file() or overwrite:
+    manifest = read_manifest(run_dir)
+    if manifest is None or overwrite:
         return
-    try:
-        old = json.loads(path.read_text()).get("config")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: unreadable run manifest ({exc})") from None
+    old = manifest.get("config")
     if old != config:
         changed = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != config.get(k))
         raise ValueError(
-            f"{path}: this run folder was made with a different experiment config "
+            f"{run_dir / MANIFEST_NAME}: this run folder was made with a different experiment config "
             f"(keys that differ: {changed}); use a new run folder, or --overwrite to accept the new config"
         )
 

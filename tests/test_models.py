@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pcdms import build_model, load_model, save_model
 from pcdms.models import InpaintModel, PosePriorTransformer, RefineModel, stage_parameter_counts
-from pcdms.presets import PriorConfig, UNetStageConfig, get_preset
+from pcdms.presets import PriorConfig, get_preset
 
 TINY = get_preset("tiny")
 B = 2

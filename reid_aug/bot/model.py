@@ -19,7 +19,6 @@ A trained model is saved as a folder (diffusers style): ``config.json`` (what
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,7 +28,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pcdms.io import atomic_path, write_json_atomic
+from pcdms.io import atomic_path, read_json_object, write_json_atomic
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 NECK_FEATS = ("after", "before")
@@ -178,10 +177,7 @@ def load_bot(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Bo
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"BoT model folder {folder}: missing {p.name} (written by reid-aug train-bot)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    config = read_json_object(cfg_path)
     if config.get("_class_name") != "BoT":
         raise ValueError(f"{cfg_path}: not a BoT config (_class_name {config.get('_class_name')!r})")
     try:

@@ -53,7 +53,7 @@ from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss
 from reid_aug.bot.model import WEIGHTS_NAME, build_bot, load_bot, save_bot
 from reid_aug.bot.sampler import RandomIdentitySampler, mixed_epoch_batches
 from reid_aug.data.market import ImageRecord
-from reid_aug.manifest import MANIFEST_NAME, write_manifest
+from reid_aug.manifest import read_manifest, write_manifest
 
 __all__ = ["BotConfig", "train_bot", "load_bot", "lr_factor", "label_map"]
 
@@ -103,8 +103,10 @@ def _fingerprint(cfg: BotConfig, real: Sequence[ImageRecord], synthetic: Sequenc
 def _finished(out_dir: Path, fingerprint: str, epochs: int) -> bool:
     """True if ``out_dir`` holds the final model of exactly this training run."""
     try:
-        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
+        manifest = read_manifest(out_dir)
+    except (OSError, ValueError):
+        return False
+    if manifest is None:
         return False
     model_dir = out_dir / MODEL_DIRNAME
     return (

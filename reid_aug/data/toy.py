@@ -29,7 +29,6 @@ is written, so a killed run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from reid_aug.data.toy_render import (
     sample_identity,
     sample_pose_params,
 )
-from reid_aug.manifest import MANIFEST_NAME, write_manifest
+from reid_aug.manifest import read_manifest, write_manifest
 
 HEIGHT, WIDTH = 128, 64
 STEP = "make-toy-market"
@@ -235,14 +234,8 @@ def _pairs(names_by_pid: dict[int, list[str]], per_image: int, rng: np.random.Ge
 
 def read_toy_manifest(out: Path) -> dict | None:
     """The manifest of a complete toy Market at ``out``, or None if there is none."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    return data if data.get("step") == STEP else None
+    data = read_manifest(out)
+    return data if data is not None and data.get("step") == STEP else None
 
 
 def _clear_stale_build(tmp: Path) -> None:

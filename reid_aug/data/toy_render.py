@@ -420,7 +420,7 @@ class _Painter:
         self.dr.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], fill=color)
 
     def head(self) -> None:
-        it, px, pr = self.ident, self.px, self.proj
+        it, pr = self.ident, self.proj
         if it.hair_style == "long":
             sho_y = self.j3[R_SHO, 1]
             hair = self.slab([(0.04, 0.056, 0.05), (sho_y + 0.05, 0.062, 0.03)], cz=-0.025)
