@@ -8,7 +8,6 @@ included) and loads the weights strictly. Each file is written atomically.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pcdms.io import atomic_path, write_json_atomic
+from pcdms.io import atomic_path, read_json_object, write_json_atomic
 from pcdms.models import STAGES, build_stage
 from pcdms.presets import PriorConfig, UNetStageConfig
 
@@ -96,11 +95,8 @@ def read_config(folder: str | os.PathLike) -> tuple[str, str, PriorConfig | UNet
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint config missing: {path} (a folder written by pcdms save_model)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    stage = data.get("stage") if isinstance(data, dict) else None
+    data = read_json_object(path)
+    stage = data.get("stage")
     if stage not in STAGES:
         raise ValueError(f"{path}: 'stage' must be one of {list(STAGES)}, got {stage!r}")
     if "config" not in data:
