@@ -11,65 +11,16 @@ benchmarks/RESULTS.md (median of --repeats runs).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _results import append_row, device_name
 from reid_aug.evaluate import compute_distmat, evaluate_rank
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = """# Benchmark results
-
-One row per measurement, appended by the scripts in this folder.
-
-- date: UTC date of the run; commit: `git rev-parse --short HEAD` of the tree measured
-  (a `+` marks uncommitted changes); device: CPU model or GPU name, with torch threads.
-- benchmark: script and step; figure: the measured value with its unit;
-  settings: sizes and options that produced it.
-
-| date | commit | device | benchmark | figure | settings |
-|---|---|---|---|---|---|
-"""
 NUM_Q, NUM_G, NUM_PIDS, NUM_DISTRACTORS, DIM = 3368, 15913, 750, 2793, 2048
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch thread(s)"
-
-
-def append_row(benchmark: str, figure: str, settings: str, device: str) -> None:
-    if not RESULTS.is_file():
-        RESULTS.write_text(HEADER)
-    row = f"| {dt.datetime.now(dt.timezone.utc):%Y-%m-%d} | {_commit()} | {device} | {benchmark} | {figure} | {settings} |\n"
-    with RESULTS.open("a") as f:
-        f.write(row)
-    print(row, end="")
 
 
 def market_like_ids(rng: np.random.Generator):
@@ -123,7 +74,7 @@ def main() -> None:
         _, t_rr = timed(lambda: re_ranking(q_g, q_q, g_g))
         results.append(("bench_evaluate re_ranking", f"{t_rr:.1f} s", f"{settings}, k1 20, k2 6, lambda 0.3 (on CPU)"))
     print(f"sanity: {metrics['num_valid_queries']} valid queries, Rank-1 {metrics['rank1']:.4f} (random features)")
-    name = _device_name(device)
+    name = device_name(device)
     for bench, figure, setting in results:
         if args.no_write:
             print(bench, figure, setting)
