@@ -71,3 +71,22 @@ def append_row(benchmark: str, figure: str, settings: str, device: str) -> None:
 def print_json(record: dict) -> None:
     """One machine-readable line with everything measured (stdout)."""
     print(json.dumps(record, sort_keys=True), flush=True)
+
+
+def resolve_device(parser, device: str | None, threads: int | None) -> torch.device:
+    """Apply ``--threads`` and turn ``--device`` (default: cuda if available) into a device."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but torch sees no CUDA device")
+    return dev
+
+
+def record(results: list[tuple[str, str, str]], device: str, no_write: bool) -> None:
+    """Print (``--no-write``) or append to RESULTS.md each (benchmark, figure, settings) row."""
+    for bench, figure, setting in results:
+        if no_write:
+            print(bench, figure, setting)
+        else:
+            append_row(bench, figure, setting, device)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from _results import append_row, device_name, print_json
+from _results import device_name, print_json, record, resolve_device
 from reid_aug.bot.config import BotConfig
 from reid_aug.bot.model import BACKBONES
 from reid_aug.bot.train import LOG_NAME, train_bot
@@ -111,11 +111,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda given but torch sees no CUDA device")
+    device = resolve_device(parser, args.device, args.threads)
     cuda = device.type == "cuda"
     backbone = args.backbone or ("resnet50" if cuda else "resnet18")
     image_size = args.image_size or ((256, 128) if cuda else (128, 64))
@@ -188,11 +184,7 @@ def main() -> None:
          f"+ {overhead:.0f} s outside the epochs (decoding, model build, checkpoints)"
          + (f"; peak GPU mem {peak:.1f} GiB" if cuda else "") + f"; {settings}"),
     ]
-    for bench, figure, setting in results:
-        if args.no_write:
-            print(bench, figure, setting)
-        else:
-            append_row(bench, figure, setting, name)
+    record(results, name, args.no_write)
 
 
 if __name__ == "__main__":

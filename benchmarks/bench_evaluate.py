@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from _results import append_row, device_name
+from _results import device_name, record
 from reid_aug.evaluate import compute_distmat, evaluate_rank
 
 NUM_Q, NUM_G, NUM_PIDS, NUM_DISTRACTORS, DIM = 3368, 15913, 750, 2793, 2048
@@ -75,11 +75,7 @@ def main() -> None:
         results.append(("bench_evaluate re_ranking", f"{t_rr:.1f} s", f"{settings}, k1 20, k2 6, lambda 0.3 (on CPU)"))
     print(f"sanity: {metrics['num_valid_queries']} valid queries, Rank-1 {metrics['rank1']:.4f} (random features)")
     name = device_name(device)
-    for bench, figure, setting in results:
-        if args.no_write:
-            print(bench, figure, setting)
-        else:
-            append_row(bench, figure, setting, name)
+    record(results, name, args.no_write)
 
 
 if __name__ == "__main__":

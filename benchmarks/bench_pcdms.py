@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 import pcdms
-from _results import append_row, device_name, print_json
+from _results import device_name, print_json, record, resolve_device
 from pcdms.encoders import build_encoders
 from pcdms.pipeline import SCHEDULERS, PCDMsPipeline
 
@@ -165,11 +165,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the inputs")
     parser.add_argument("--no-write", action="store_true", help="print, do not append to RESULTS.md")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda given but torch sees no CUDA device")
+    device = resolve_device(parser, args.device, args.threads)
     cuda = device.type == "cuda"
     preset_name = args.preset or ("paper" if cuda else "tiny")
     dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
@@ -211,12 +207,8 @@ def main() -> None:
         ("bench_pcdms stage 3 refine (encode + loop + decode)", "stage3_refine"),
         ("bench_pcdms full pipeline", "full"),
     ]
-    for bench, key in rows:
-        figure = f"{ips[key]:.2f} img/s ({sec[key]:.3f} s/batch)"
-        if args.no_write:
-            print(bench, figure, settings)
-        else:
-            append_row(bench, figure, settings, name)
+    record([(bench, f"{ips[key]:.2f} img/s ({sec[key]:.3f} s/batch)", settings) for bench, key in rows],
+           name, args.no_write)
 
 
 if __name__ == "__main__":
