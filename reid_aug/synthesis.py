@@ -50,7 +50,7 @@ from reid_aug.data.market import IMAGE_SUFFIXES, DatasetError, ImageRecord, Reid
 from reid_aug.data.subset import write_subset_csv
 from reid_aug.data.toy import camera_for, identity_for, read_toy_manifest
 from reid_aug.data.toy_render import PoseParams, project_pose, render_person, sample_pose_params
-from reid_aug.manifest import MANIFEST_NAME, write_manifest
+from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from reid_aug.posebank import (
     POSE_IDENTITIES, POSE_POOLS, STREAM_NOISE, STREAM_TOY_IMAGE, STREAM_TOY_POSE, build_pose_bank, draw_targets,
     item_rng, item_seed, pool_records,
@@ -435,13 +435,12 @@ def _compared_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_synthesis_manifest(out: Path) -> dict | None:
     """``out/manifest.json`` if this step wrote it, None if there is none; another step's is an error."""
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SynthesisError(f"{path}: not valid JSON ({exc}); remove the folder or choose another output") from None
+        data = read_manifest(out)
+    except ValueError as exc:
+        raise SynthesisError(f"{exc}; remove the folder or choose another output") from None
+    if data is None:
+        return None
     if data.get("step") != STEP:
         raise SynthesisError(f"{out} holds the output of step {data.get('step')!r}, not {STEP!r}; choose another "
                              "output folder")

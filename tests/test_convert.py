@@ -22,12 +22,7 @@ from pcdms.presets import get_preset
 TINY = get_preset("tiny")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_prior_shapes(width: int, embed: int, layers: int, pose_hidden=(512, 1024), tokens: int = 6) -> dict:

@@ -17,12 +17,7 @@ TINY = get_preset("tiny")
 B = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(stage: str, seed: int = 0) -> torch.nn.Module:

@@ -18,22 +18,14 @@ from reid_aug.sweep import ExperimentConfig, run_experiment
 DEMO_CONFIG = "demo.yaml"
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
+def _comma_list(text: str | None, cast: type) -> tuple | None:
+    """``"0.2,0.4" -> (0.2, 0.4)``; None (option not given) stays None so the config's value holds."""
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(","))
+        return tuple(cast(x) for x in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {text!r}") from None
 
 
 def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
@@ -65,7 +57,7 @@ def run_cmd(config_path: Path, out: Path, data: Path | None, fractions: str | No
     """
     cfg = load_config(
         ExperimentConfig, config_path,
-        {"data": data, "fractions": _floats(fractions), "seeds": _ints(seeds), "device": device},
+        {"data": data, "fractions": _comma_list(fractions, float), "seeds": _comma_list(seeds, int), "device": device},
     )
     _run_and_report(cfg, out, overwrite)
 
@@ -97,5 +89,5 @@ def demo_cmd(out: Path, ids: int, config_path: Path | None, fractions: str | Non
         if config_path is None:
             config_path = stack.enter_context(resources.as_file(resources.files("reid_aug.configs") / DEMO_CONFIG))
         cfg = load_config(ExperimentConfig, config_path,
-                          {"data": str(toy), "fractions": _floats(fractions), "device": device})
+                          {"data": str(toy), "fractions": _comma_list(fractions, float), "device": device})
     _run_and_report(cfg, out / "run", overwrite=False)

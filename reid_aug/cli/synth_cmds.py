@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -13,7 +12,7 @@ from reid_aug.cli.app import main
 from reid_aug.cli.config import load_config
 from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
 from reid_aug.data.subset import make_subset, read_subset_csv
-from reid_aug.manifest import MANIFEST_NAME
+from reid_aug.manifest import read_manifest
 from reid_aug.synthesis import GENERATORS, RANDOM_WEIGHTS_WARNING, SynthesisConfig, synthesize
 
 
@@ -109,7 +108,7 @@ def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, 
                    progress=True, sources_extra=notes, log=click.echo)
     except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    counts = json.loads((out / MANIFEST_NAME).read_text())["counts"]
+    counts = read_manifest(out)["counts"]
     skipped = counts.get("skipped_missing_source_pose", 0)
     click.echo(f"{out}: {counts['images']:,} synthetic images of {counts['sources_used']:,} real images"
                + (f" ({skipped} skipped: no source pose)" if skipped else ""))

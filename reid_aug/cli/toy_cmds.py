@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 
 import click
 
 from reid_aug.cli.app import main
-from reid_aug.cli.config import load_config
+from reid_aug.cli.config import config_to_dict, load_config
 from reid_aug.data.toy import ToyConfig, generate_toy_market, read_toy_manifest
 
 
@@ -37,7 +35,7 @@ def make_toy_market_cmd(out: Path, num_ids: int | None, seed: int, config_path: 
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if existing is not None and not overwrite:
-        same = existing.get("seed") == seed and existing.get("config") == _plain(cfg)
+        same = existing.get("seed") == seed and existing.get("config") == config_to_dict(cfg)
         if same:
             click.echo(f"{out} already holds this toy Market (same config and seed); nothing to do.")
             return
@@ -58,6 +56,3 @@ def make_toy_market_cmd(out: Path, num_ids: int | None, seed: int, config_path: 
     )
 
 
-def _plain(cfg: ToyConfig) -> dict:
-    """The config as the manifest stores it (JSON turns tuples into lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))

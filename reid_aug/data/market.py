@@ -136,6 +136,18 @@ def _num_cams(*splits: Sequence[ImageRecord]) -> int:
     return 1 + max(r.camid for split in splits for r in split)
 
 
+def _dataset(root: Path, train, query, gallery, layout: str) -> ReidDataset:
+    return ReidDataset(
+        root=root,
+        train=tuple(train),
+        query=tuple(query),
+        gallery=tuple(gallery),
+        num_train_pids=len({r.pid for r in train}),
+        num_cams=_num_cams(train, query, gallery),
+        layout=layout,
+    )
+
+
 def _market_layout(train: Sequence[ImageRecord]) -> str:
     return "dukemtmc" if _DUKE_RE.match(train[0].name) else "market1501"
 
@@ -163,15 +175,7 @@ def read_market(root: str | Path) -> ReidDataset:
     train = read_image_folder(base / MARKET_SPLITS["train"], relabel=True, keep_distractors=False)
     query = read_image_folder(base / MARKET_SPLITS["query"], relabel=False, keep_distractors=False)
     gallery = read_image_folder(base / MARKET_SPLITS["gallery"], relabel=False, keep_distractors=True)
-    return ReidDataset(
-        root=base,
-        train=tuple(train),
-        query=tuple(query),
-        gallery=tuple(gallery),
-        num_train_pids=len({r.pid for r in train}),
-        num_cams=_num_cams(train, query, gallery),
-        layout=_market_layout(train),
-    )
+    return _dataset(base, train, query, gallery, _market_layout(train))
 
 
 # MSMT17: list file -> image folder (V1 names, then V2 names).
@@ -222,15 +226,7 @@ def read_msmt17(root: str | Path) -> ReidDataset:
     train = _relabel(_read_msmt_list(base, "train"))
     query = _read_msmt_list(base, "query")
     gallery = _read_msmt_list(base, "gallery")
-    return ReidDataset(
-        root=base,
-        train=tuple(train),
-        query=tuple(query),
-        gallery=tuple(gallery),
-        num_train_pids=len({r.pid for r in train}),
-        num_cams=_num_cams(train, query, gallery),
-        layout="msmt17",
-    )
+    return _dataset(base, train, query, gallery, "msmt17")
 
 
 def read_reid_dataset(root: str | Path) -> ReidDataset:
