@@ -131,41 +131,63 @@ def _is_full_size(clip_embed_dim: int, dino_dim: int) -> bool:
     return clip_embed_dim == 1024 and dino_dim == DINOV2_GIANT["hidden_size"]
 
 
-def clip_config(clip_embed_dim: int, full_size: bool) -> dict:
-    """open_clip model config ``{"embed_dim", "vision_cfg"}``: ViT-H/14, or a tiny ViT for CPU tests."""
+def clip_config(clip_embed_dim: int, full_size: bool, image_size: int = 56) -> dict:
+    """open_clip model config ``{"embed_dim", "vision_cfg"}``: ViT-H/14, or a 2-layer stand-in ViT
+    (width 32 or 64, patch 14) taking ``image_size`` square inputs."""
     if full_size:
         import open_clip
 
         cfg = open_clip.get_model_config(CLIP_MODEL_NAME)
         return {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"]}
-    vision = dict(image_size=56, patch_size=14, width=32, layers=2, head_width=16, mlp_ratio=2.0)
+    width = 32 if image_size <= 56 else 64
+    vision = dict(image_size=image_size, patch_size=14, width=width, layers=2, head_width=16, mlp_ratio=2.0)
     return {"embed_dim": clip_embed_dim, "vision_cfg": vision}
 
 
-def dino_config(dino_dim: int, full_size: bool):
-    """``Dinov2Config``: DINOv2-giant, or a 2-layer one of width ``dino_dim`` for CPU tests."""
+def dino_config(dino_dim: int, full_size: bool, image_size: int = 56):
+    """``Dinov2Config``: DINOv2-giant, or a 2-layer stand-in of width ``dino_dim`` whose long input
+    side is ``image_size`` pixels."""
     from transformers import Dinov2Config
 
     if full_size:
         return Dinov2Config(**DINOV2_GIANT)
     heads = 2 if dino_dim % 2 == 0 else 1
     return Dinov2Config(
-        hidden_size=dino_dim, num_hidden_layers=2, num_attention_heads=heads, mlp_ratio=2, patch_size=14, image_size=56
+        hidden_size=dino_dim, num_hidden_layers=2, num_attention_heads=heads, mlp_ratio=2, patch_size=14,
+        image_size=image_size,
     )
 
 
-def vae_config(latent_channels: int, scale_factor: int, full_size: bool) -> dict:
-    """``AutoencoderKL`` config: SD 2.1-base, or a small one with the same downsampling ``scale_factor``."""
+def vae_config(latent_channels: int, scale_factor: int, full_size: bool,
+               block_out_channels: tuple[int, ...] | None = None) -> dict:
+    """``AutoencoderKL`` config: SD 2.1-base, or a small one with the same downsampling ``scale_factor``
+    (``block_out_channels`` one width per level; default 8, 16, 16, ...)."""
     if full_size:
         return dict(SD21_VAE)
     levels = int(round(math.log2(scale_factor))) + 1
     if 2 ** (levels - 1) != scale_factor:
         raise ValueError(f"vae_scale_factor must be a power of two, got {scale_factor}")
+    channels = tuple(block_out_channels) if block_out_channels else (8,) + (16,) * (levels - 1)
+    if len(channels) != levels:
+        raise ValueError(f"VAE block_out_channels {channels} must have {levels} entries for scale factor {scale_factor}")
     return dict(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1, norm_num_groups=8,
-        block_out_channels=(8,) + (16,) * (levels - 1), down_block_types=("DownEncoderBlock2D",) * levels,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1,
+        norm_num_groups=min(32, channels[0]) if channels[0] % 8 == 0 else 1,
+        block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels, act_fn="silu", sample_size=128, scaling_factor=0.18215,
     )
+
+
+def stand_in_configs(preset) -> dict:
+    """The three encoder configs for ``preset`` without pretrained weights: the real architectures
+    when the preset's dims are the pretrained ones, else its stand-in sizes."""
+    full = _is_full_size(preset.clip_embed_dim, preset.dino_dim)
+    return {
+        "clip": clip_config(preset.clip_embed_dim, full, getattr(preset, "stand_in_clip_size", 56)),
+        "dino": dino_config(preset.dino_dim, full, getattr(preset, "stand_in_dino_size", 56)),
+        "vae": vae_config(preset.latent_channels, preset.vae_scale_factor, full,
+                          getattr(preset, "stand_in_vae_channels", None)),
+    }
 
 
 class ClipImageEncoder(nn.Module):
@@ -188,9 +210,14 @@ class ClipImageEncoder(nn.Module):
     def from_pretrained(cls, path: str | Path, config: dict | None = None) -> "ClipImageEncoder":
         """Load the vision tower from a full OpenCLIP checkpoint file (or a folder holding one).
 
-        ``config`` is the open_clip model config; default ViT-H-14 (PCDMs' encoder).
+        ``config`` is the open_clip model config; default: the folder's ``open_clip_config.json``
+        (``{"model_cfg": ...}``, as open_clip's Hugging Face folders and :meth:`save_pretrained`
+        write it) if there is one, else ViT-H-14 (PCDMs' encoder).
         """
         file = _find_clip_file(path)
+        cfg_file = file.parent / CLIP_CONFIG_NAME
+        if config is None and cfg_file.is_file():
+            config = _read_clip_config(cfg_file)
         model = cls(config or clip_config(1024, full_size=True))
         state = _load_visual_state(file)
         if not state:
@@ -202,10 +229,36 @@ class ClipImageEncoder(nn.Module):
                              f"expected {CLIP_SOURCE}") from None
         return model
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """``folder/open_clip_model.safetensors`` (``visual.*`` keys) + ``open_clip_config.json``."""
+        from safetensors.torch import save_file
+
+        from pcdms.io import atomic_path, write_json_atomic
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {f"visual.{k}": v.detach().cpu().contiguous() for k, v in self.visual.state_dict().items()}
+        with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+            save_file(state, str(tmp))
+        write_json_atomic(folder / CLIP_CONFIG_NAME, {"model_cfg": self.config})
+        return folder
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` (B, 3, H, W) in [0, 1] -> ``image_embeds`` (B, embed_dim)."""
         pixels = clip_preprocess(images, self.image_size).to(next(self.parameters()).dtype)
         return self.visual(pixels)
+
+
+CLIP_CONFIG_NAME = "open_clip_config.json"
+
+
+def _read_clip_config(path: Path) -> dict:
+    from pcdms.io import read_json_object
+
+    cfg = read_json_object(path).get("model_cfg")
+    if not isinstance(cfg, dict) or "embed_dim" not in cfg or "vision_cfg" not in cfg:
+        raise ValueError(f"{path}: no 'model_cfg' with 'embed_dim' and 'vision_cfg'")
+    return {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"]}
 
 
 def _find_clip_file(path) -> Path:
@@ -254,7 +307,9 @@ class DinoEncoder(nn.Module):
         return cls(Dinov2Model(config), long_side or min(224, int(config.image_size)))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path | None, long_side: int = 224) -> "DinoEncoder":
+    def from_pretrained(cls, folder: str | Path | None, long_side: int | None = None) -> "DinoEncoder":
+        """Load a transformers DINOv2 folder; ``long_side`` defaults to 224 (the release) or the
+        config's smaller ``image_size`` (stand-ins)."""
         from transformers import Dinov2Model
 
         if folder is None:
@@ -262,7 +317,13 @@ class DinoEncoder(nn.Module):
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise WeightsNotFoundError(f"{folder}: no config.json (not a transformers folder). Needed: {DINO_SOURCE}")
-        return cls(Dinov2Model.from_pretrained(str(folder), local_files_only=True), long_side)
+        model = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
+        return cls(model, long_side or min(224, int(model.config.image_size)))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """A transformers folder (``config.json`` + ``model.safetensors``)."""
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        return Path(folder)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` (B, 3, H, W) in [0, 1] -> tokens (B, 1 + N, hidden)."""
@@ -315,6 +376,11 @@ class VaeCodec(nn.Module):
         z = dist.sample(generator=generator) if sample else dist.mode()
         return z * self.scaling_factor
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """A diffusers ``AutoencoderKL`` folder (``config.json`` + safetensors)."""
+        self.vae.save_pretrained(str(folder), safe_serialization=True)
+        return Path(folder)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) in [0, 1]."""
         images = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample
@@ -357,13 +423,13 @@ def build_encoders(
                                (vae_path, "VAE folder", VAE_SOURCE)):
         if path is None and not allow_random:
             raise WeightsNotFoundError(f"No {what} given (random weights need allow_random=True). Needed: {source}")
-    full = _is_full_size(preset.clip_embed_dim, preset.dino_dim)
+    configs = stand_in_configs(preset)
     clip = (ClipImageEncoder.from_pretrained(clip_path) if clip_path is not None
-            else ClipImageEncoder(clip_config(preset.clip_embed_dim, full)))
+            else ClipImageEncoder(configs["clip"]))
     dino = (DinoEncoder.from_pretrained(dino_path) if dino_path is not None
-            else DinoEncoder.from_config(dino_config(preset.dino_dim, full)))
+            else DinoEncoder.from_config(configs["dino"]))
     vae = (VaeCodec.from_pretrained(vae_path) if vae_path is not None
-           else VaeCodec.from_config(vae_config(preset.latent_channels, preset.vae_scale_factor, full)))
+           else VaeCodec.from_config(configs["vae"]))
     checks = [("CLIP embed dim", clip.embed_dim, preset.clip_embed_dim, clip_path),
              ("DINOv2 hidden size", dino.hidden_size, preset.dino_dim, dino_path),
              ("VAE latent channels", vae.latent_channels, preset.latent_channels, vae_path),
@@ -376,11 +442,11 @@ def build_encoders(
 
 def encoder_param_counts(preset) -> dict[str, int]:
     """Parameter count of each encoder for ``preset``, built on the meta device (no memory, no weights)."""
-    full = _is_full_size(preset.clip_embed_dim, preset.dino_dim)
+    configs = stand_in_configs(preset)
     with torch.device("meta"):
         modules = {
-            "clip": ClipImageEncoder(clip_config(preset.clip_embed_dim, full)),
-            "dino": DinoEncoder.from_config(dino_config(preset.dino_dim, full)),
-            "vae": VaeCodec.from_config(vae_config(preset.latent_channels, preset.vae_scale_factor, full)),
+            "clip": ClipImageEncoder(configs["clip"]),
+            "dino": DinoEncoder.from_config(configs["dino"]),
+            "vae": VaeCodec.from_config(configs["vae"]),
         }
     return {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}

@@ -68,13 +68,22 @@ def prior_schedule_config() -> dict:
     )
 
 
-def latent_schedule_config() -> dict:
-    """Stage-2/3 noise schedule: SD 2.1-base ``scaled_linear`` 0.00085-0.012, 1000 steps, epsilon."""
-    return dict(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        timestep_spacing="leading",
+def latent_schedule_config(preset=None) -> dict:
+    """Stage-2/3 noise schedule of ``preset`` (default: the paper's, SD 2.1-base ``scaled_linear``
+    0.00085-0.012, 1000 steps, epsilon). A preset with ``latent_zero_terminal_snr`` gets betas
+    rescaled to zero terminal SNR and "trailing" timestep spacing, so sampling starts from pure
+    noise at t = 999 (Lin et al. 2024, Sec. 3.1-3.3)."""
+    beta_schedule = getattr(preset, "latent_beta_schedule", "scaled_linear")
+    zero_snr = bool(getattr(preset, "latent_zero_terminal_snr", False))
+    config = dict(
+        num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+        prediction_type=getattr(preset, "latent_prediction_type", "epsilon"), clip_sample=False,
+        set_alpha_to_one=False, steps_offset=0 if zero_snr else 1,
+        timestep_spacing="trailing" if zero_snr else "leading",
     )
+    if zero_snr:
+        config["rescale_betas_zero_snr"] = True
+    return config
 
 
 def make_scheduler(name: str, config: dict):
@@ -122,20 +131,35 @@ def canvas_conditions(
         vae_scale_factor: latent downsampling, for the mask resolution.
 
     Returns:
-        pose_canvas (B, 3, H, 2W) [source skeleton | target skeleton] in [0, 1];
-        masked_canvas (B, 3, H, 2W) [source | black];
-        mask (B, 1, H/f, 2W/f): 1 on the known source half, 0 on the half to
-        generate (the paper's "0 masked, 1 unmasked", as the release).
+        pose_canvas (B, 3, H, 2W) [source skeleton | target skeleton] in [0, 1] (:func:`pose_canvas`);
+        masked_canvas (B, 3, H, 2W) [source | black] (:func:`masked_canvas`);
+        mask (B, 1, H/f, 2W/f) (:func:`canvas_mask`).
     """
     b, _, h, w = source_images.shape
-    device = source_images.device
-    skel_s = draw_skeleton_batch(_as_numpy(source_keypoints), (h, w), (h, w)).to(device)
-    skel_t = draw_skeleton_batch(_as_numpy(target_keypoints), (h, w), (h, w)).to(device)
-    pose_canvas = side_by_side(skel_s, skel_t).to(source_images.dtype)
-    masked_canvas = side_by_side(source_images, torch.zeros_like(source_images))
-    lh, lw = h // vae_scale_factor, w // vae_scale_factor
-    mask = torch.cat([torch.ones(b, 1, lh, lw), torch.zeros(b, 1, lh, lw)], dim=-1)
-    return pose_canvas, masked_canvas, mask.to(device=device, dtype=source_images.dtype)
+    device, dtype = source_images.device, source_images.dtype
+    poses = pose_canvas(source_keypoints, target_keypoints, (h, w)).to(device=device, dtype=dtype)
+    mask = canvas_mask(b, (h, w), vae_scale_factor).to(device=device, dtype=dtype)
+    return poses, masked_canvas(source_images), mask
+
+
+def pose_canvas(source_keypoints, target_keypoints, image_size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, 2W) float [source skeleton | target skeleton] in [0, 1] (DESIGN.md §4 drawing), on CPU."""
+    h, w = image_size
+    skel_s = draw_skeleton_batch(_as_numpy(source_keypoints), (h, w), (h, w))
+    skel_t = draw_skeleton_batch(_as_numpy(target_keypoints), (h, w), (h, w))
+    return side_by_side(skel_s, skel_t)
+
+
+def masked_canvas(source_images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, H, 2W) ``[source | black]``: the stage-2 masked image."""
+    return side_by_side(source_images, torch.zeros_like(source_images))
+
+
+def canvas_mask(batch: int, image_size: tuple[int, int], vae_scale_factor: int) -> torch.Tensor:
+    """(B, 1, H/f, 2W/f) float: 1 on the known source half, 0 on the half to generate
+    (the paper's "0 masked, 1 unmasked", as the release), on CPU."""
+    lh, lw = image_size[0] // vae_scale_factor, image_size[1] // vae_scale_factor
+    return torch.cat([torch.ones(batch, 1, lh, lw), torch.zeros(batch, 1, lh, lw)], dim=-1)
 
 
 def _as_numpy(keypoints) -> np.ndarray:
@@ -173,7 +197,7 @@ class PCDMsPipeline:
         self.prior, self.inpaint, self.refine = prior, inpaint, refine
         self.encoders, self.preset = encoders, preset
         self.prior_schedule = dict(prior_schedule or prior_schedule_config())
-        self.latent_schedule = dict(latent_schedule or latent_schedule_config())
+        self.latent_schedule = dict(latent_schedule or latent_schedule_config(preset))
         self.progress = progress  # per-step tqdm bars; synthesis jobs show their own per-image bar
 
     @property
@@ -333,12 +357,28 @@ class PCDMsPipeline:
                           {"_class_name": type(self).__name__, "preset": self.preset.name, "stages": stages})
         return folder
 
+    @staticmethod
+    def bundled_encoder_paths(folder: str | Path) -> dict[str, Path | None]:
+        """Encoder folders a generator folder carries (``model_index.json`` "encoders": e.g. the toy
+        generator's VAE and stand-in CLIP/DINOv2), as ``{"clip", "dino", "vae"}`` -> path or None."""
+        from pcdms.io import read_json_object
+
+        folder = Path(folder)
+        index_path = folder / "model_index.json"
+        names = read_json_object(index_path).get("encoders", {}) if index_path.is_file() else {}
+        if not isinstance(names, dict):
+            raise ValueError(f"{index_path}: 'encoders' must be an object")
+        return {k: (folder / names[k] if k in names else None) for k in ("clip", "dino", "vae")}
+
     @classmethod
-    def from_pretrained(cls, folder: str | Path, encoders: FrozenEncoders, preset=None,
+    def from_pretrained(cls, folder: str | Path, encoders: FrozenEncoders | None = None, preset=None,
                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "PCDMsPipeline":
-        """Load a folder written by :meth:`save_pretrained`; ``preset`` defaults to the one named in
-        ``model_index.json``. Stage networks must match the preset's configs."""
+        """Load a folder written by :meth:`save_pretrained` (or ``train-pcdms``); ``preset`` defaults to
+        the one named in ``model_index.json``. Stage networks must match the preset's configs.
+        ``encoders`` None: the encoders the folder carries (:meth:`bundled_encoder_paths`); a missing
+        one is a :class:`pcdms.encoders.WeightsNotFoundError`."""
         from pcdms.checkpoint import load_model
+        from pcdms.encoders import build_encoders
         from pcdms.presets import get_preset
 
         folder = Path(folder)
@@ -347,13 +387,22 @@ class PCDMsPipeline:
             raise FileNotFoundError(f"{index_path} not found: not a PCDMs pipeline folder (see save_pretrained)")
         index = json.loads(index_path.read_text())
         preset = preset if preset is not None else get_preset(index["preset"])
+        if encoders is None:
+            paths = cls.bundled_encoder_paths(folder)
+            encoders = build_encoders(preset, paths["clip"], paths["dino"], paths["vae"])
         models = {}
         for name in ("prior", "inpaint", "refine"):
             if name not in index.get("stages", []):
                 models[name] = None
                 continue
             model = load_model(folder / name, device=device, dtype=dtype)
-            if model.config != getattr(preset, name):
+            # The prior's embedding statistics are data (computed on the training set), not size.
+            want = getattr(preset, name)
+            if name == "prior":
+                import dataclasses
+
+                want = dataclasses.replace(want, embed_mean=model.config.embed_mean, embed_std=model.config.embed_std)
+            if model.config != want:
                 raise ValueError(f"{folder / name}: {name} config differs from preset {preset.name!r}")
             models[name] = model
         if models["inpaint"] is None:

@@ -127,8 +127,27 @@ class Preset:
     latent_channels: int = 4
     clip_embed_dim: int = 1024
     dino_dim: int = 1536
+    # Noise schedule of stages 2 and 3 (the pipeline and the trainer both read these):
+    # SD 2.1-base's for the paper (its UNet weights expect it); the toy preset trains from
+    # scratch and uses v-prediction on a cosine schedule with zero terminal SNR (Lin et al.
+    # 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), because with
+    # epsilon/linear the high-noise steps, where pose and layout are decided, stayed unlearned
+    # in CPU-sized training (DESIGN.md §7).
+    latent_beta_schedule: str = "scaled_linear"
+    latent_prediction_type: str = "epsilon"
+    latent_zero_terminal_snr: bool = False
+    # Sizes of the random stand-in encoders built when no pretrained path is given
+    # (presets whose encoder dims are not the pretrained ones): the square CLIP input and
+    # the DINOv2 long side, in pixels (multiples of 14), and the VAE block widths.
+    stand_in_clip_size: int = 56
+    stand_in_dino_size: int = 56
+    stand_in_vae_channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.latent_beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
+            raise ValueError(f"Preset {self.name!r}: unknown latent_beta_schedule {self.latent_beta_schedule!r}")
+        if self.latent_prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"Preset {self.name!r}: latent_prediction_type must be 'epsilon' or 'v_prediction'")
         h, w = self.image_size
         f = self.vae_scale_factor
         if h % f or w % f:
@@ -201,6 +220,27 @@ def _tiny_unet(in_channels: int, inpaint: bool) -> UNetStageConfig:
     )
 
 
+def _toy_unet(in_channels: int, inpaint: bool, channels: tuple[int, ...] = (64, 128, 128)) -> UNetStageConfig:
+    # Sized for CPU training of the shipped toy generator: self- and cross-attention at the
+    # 16x16 and 8x8 canvas levels, so the target half can read the source half (canvas
+    # self-attention) and the source tokens (cross-attention), where appearance flows (Sec. 3.3).
+    return UNetStageConfig(
+        in_channels=in_channels,
+        block_out_channels=channels,
+        layers_per_block=1,
+        attention_head_dim=tuple(c // 16 for c in channels),
+        cross_attention_dim=128,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=16,
+        dino_dim=128,
+        clip_dim=128 if inpaint else None,
+        pose_channels=(16, 32, 64, 128) if inpaint else None,
+        mlp_hidden=256,
+        norm_num_groups=32 if channels[0] >= 64 else 16,
+    )
+
+
 PRESETS: MappingProxyType[str, Preset] = MappingProxyType({
     "paper": Preset(
         name="paper",
@@ -220,11 +260,27 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType({
         clip_embed_dim=32,
         dino_dim=32,
     ),
+    # The shipped toy generator (CPU-trainable, 128x64 like Market): its own small VAE
+    # (trained with `train-pcdms --stage vae`) and random frozen stand-ins for CLIP/DINOv2.
+    "toy": Preset(
+        name="toy",
+        prior=PriorConfig(num_layers=4, width=128, num_heads=4, embed_dim=128, pose_hidden=(128, 128)),
+        inpaint=_toy_unet(9, inpaint=True),
+        refine=_toy_unet(8, inpaint=False, channels=(32, 64, 64)),
+        clip_embed_dim=128,
+        dino_dim=128,
+        latent_beta_schedule="squaredcos_cap_v2",
+        latent_prediction_type="v_prediction",
+        latent_zero_terminal_snr=True,
+        stand_in_clip_size=112,
+        stand_in_dino_size=112,
+        stand_in_vae_channels=(32, 64, 64, 64),
+    ),
 })
 
 
 def get_preset(name: str) -> Preset:
-    """The named preset ("paper" | "tiny"); unknown names raise ``ValueError`` listing the choices."""
+    """The named preset ("paper" | "tiny" | "toy"); unknown names raise ``ValueError`` listing the choices."""
     try:
         return PRESETS[name]
     except KeyError:

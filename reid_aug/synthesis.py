@@ -311,12 +311,22 @@ def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, imag
         bar.update(1)
 
 
+def encoder_paths(cfg: SynthesisConfig) -> dict[str, Path | None]:
+    """Encoder paths of a job: the configured ones, else those the pipeline folder carries."""
+    from pcdms.pipeline import PCDMsPipeline
+
+    bundled = PCDMsPipeline.bundled_encoder_paths(cfg.pipeline) if cfg.pipeline is not None else {}
+    return {"clip": cfg.clip_checkpoint or bundled.get("clip"), "dino": cfg.dino_path or bundled.get("dino"),
+            "vae": cfg.vae_path or bundled.get("vae")}
+
+
 def _missing_weights_message(cfg: SynthesisConfig) -> str | None:
     from pcdms.encoders import CLIP_SOURCE, DINO_SOURCE, VAE_SOURCE
 
-    needed = [f"{key} ({flag}): {source}" for key, flag, source in (
-        ("clip_checkpoint", "--clip-checkpoint", CLIP_SOURCE), ("dino_path", "--dino", DINO_SOURCE),
-        ("vae_path", "--vae", VAE_SOURCE)) if getattr(cfg, key) is None]
+    paths = encoder_paths(cfg)
+    needed = [f"{key} ({flag}): {source}" for key, name, flag, source in (
+        ("clip_checkpoint", "clip", "--clip-checkpoint", CLIP_SOURCE), ("dino_path", "dino", "--dino", DINO_SOURCE),
+        ("vae_path", "vae", "--vae", VAE_SOURCE)) if paths[name] is None]
     if not needed or cfg.allow_random_weights:
         return None
     return ("generator 'pcdms' needs the frozen encoders' weights; missing: " + "; ".join(needed)
@@ -366,7 +376,8 @@ def load_pcdms(cfg: SynthesisConfig):
     # Random encoders (tests) are seeded so that a resumed job rebuilds the same ones.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        encoders = build_encoders(preset, cfg.clip_checkpoint, cfg.dino_path, cfg.vae_path,
+        paths = encoder_paths(cfg)
+        encoders = build_encoders(preset, paths["clip"], paths["dino"], paths["vae"],
                                   allow_random=cfg.allow_random_weights, device=device, dtype=dtype)
     pipe = PCDMsPipeline.from_pretrained(folder, encoders=encoders, preset=preset, device=device, dtype=dtype)
     for model in (pipe.prior, pipe.inpaint, pipe.refine):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pcdms.models.conditions import drop_mask, replace_rows
+from pcdms.models.conditions import check_masks, drop_mask, replace_rows
 from pcdms.models.pose_encoder import TokenMLP, build_pose_canvas_encoder
 from pcdms.models.unet import build_stage_unet, check_shape as _check
 from pcdms.presets import UNetStageConfig
@@ -108,15 +108,21 @@ class InpaintModel(nn.Module):
         p: float = 0.1,
         generator: torch.Generator | None = None,
         joint: bool = False,
+        masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time dropout to :meth:`null_condition` (App. B: 10 %).
 
-        ``joint=False`` (release/DESIGN): DINOv2 tokens and global embedding
+        ``joint=False`` (the release): DINOv2 tokens and global embedding
         are dropped independently, each with probability ``p`` per sample
         (both together with ``p**2``). ``joint=True``: one draw drops both.
+        ``masks`` (2, B) bool, given: exactly these drops (see
+        :func:`pcdms.models.conditions.condition_masks`).
         """
         null_tokens, null_global = self.null_condition(dino_tokens, global_embed)
         b, dev = dino_tokens.shape[0], dino_tokens.device
-        drop_tokens = drop_mask(b, p, generator, dev)
-        drop_global = drop_tokens if joint else drop_mask(b, p, generator, dev)
+        if masks is not None:
+            drop_tokens, drop_global = check_masks(masks, 2, b).to(dev)
+        else:
+            drop_tokens = drop_mask(b, p, generator, dev)
+            drop_global = drop_tokens if joint else drop_mask(b, p, generator, dev)
         return replace_rows(dino_tokens, null_tokens, drop_tokens), replace_rows(global_embed, null_global, drop_global)

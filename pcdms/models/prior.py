@@ -15,7 +15,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from pcdms.models.conditions import drop_mask, replace_rows
+from pcdms.models.conditions import check_masks, drop_mask, replace_rows
 from pcdms.models.pose_encoder import PoseMLP
 from pcdms.presets import PriorConfig
 
@@ -135,6 +135,7 @@ class PosePriorTransformer(nn.Module):
         p: float = 0.1,
         generator: torch.Generator | None = None,
         joint: bool = False,
+        masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-time dropout to :meth:`null_condition`.
 
@@ -142,10 +143,15 @@ class PosePriorTransformer(nn.Module):
         target pose are each dropped with probability ``p``, independently per
         sample, so the all-dropped input of Eq. 4 occurs with ``p**3``.
         ``joint=True``: one draw per sample drops all three together.
+        ``masks`` (3, B) bool, given: exactly these drops (the trainer draws them with
+        :func:`pcdms.models.conditions.condition_masks`; ``p``/``joint`` are then unused).
         """
         nulls = self.null_condition(source_embeds, source_pose, target_pose)
         b, dev = source_embeds.shape[0], source_embeds.device
-        shared = drop_mask(b, p, generator, dev) if joint else None
-        drops = [shared if joint else drop_mask(b, p, generator, dev) for _ in range(3)]
+        if masks is not None:
+            drops = list(check_masks(masks, 3, b).to(dev))
+        else:
+            shared = drop_mask(b, p, generator, dev) if joint else None
+            drops = [shared if joint else drop_mask(b, p, generator, dev) for _ in range(3)]
         s, ps, pt = (replace_rows(c, n, d) for c, n, d in zip((source_embeds, source_pose, target_pose), nulls, drops))
         return s, ps, pt

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pcdms.models.conditions import drop_mask, replace_rows
+from pcdms.models.conditions import check_masks, drop_mask, replace_rows
 from pcdms.models.pose_encoder import TokenMLP
 from pcdms.models.unet import build_stage_unet, check_shape
 from pcdms.presets import UNetStageConfig
@@ -66,6 +66,7 @@ class RefineModel(nn.Module):
         dino_tokens: torch.Tensor,
         p: float = 0.1,
         generator: torch.Generator | None = None,
+        masks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training-time dropout to :meth:`null_condition`: one draw per sample (probability ``p``).
 
@@ -73,7 +74,13 @@ class RefineModel(nn.Module):
         unconditional branch, which also lacks the source features, was never
         trained. Here the coarse latent is dropped 10 % as released, and the
         DINOv2 tokens go with it, so the guidance null is exactly a trained input.
+        ``masks`` (2, B) bool, given: exactly these drops (coarse, tokens; see
+        :func:`pcdms.models.conditions.condition_masks`).
         """
         null_coarse, null_tokens = self.null_condition(coarse_latent, dino_tokens)
-        drop = drop_mask(coarse_latent.shape[0], p, generator, coarse_latent.device)
-        return replace_rows(coarse_latent, null_coarse, drop), replace_rows(dino_tokens, null_tokens, drop)
+        b = coarse_latent.shape[0]
+        if masks is not None:
+            drop_coarse, drop_tokens = check_masks(masks, 2, b).to(coarse_latent.device)
+        else:
+            drop_coarse = drop_tokens = drop_mask(b, p, generator, coarse_latent.device)
+        return replace_rows(coarse_latent, null_coarse, drop_coarse), replace_rows(dino_tokens, null_tokens, drop_tokens)

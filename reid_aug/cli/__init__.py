@@ -13,5 +13,6 @@ from reid_aug.cli import eval_cmds  # noqa: F401  evaluate
 from reid_aug.cli import report_cmds  # noqa: F401  report
 from reid_aug.cli import experiment_cmds  # noqa: F401  run, demo
 from reid_aug.cli import pcdms_cmds  # noqa: F401  pcdms-info, convert-official
+from reid_aug.cli import train_pcdms_cmds  # noqa: F401  train-pcdms, make-coarse
 
 __all__ = ["main"]

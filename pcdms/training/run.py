@@ -1,0 +1,387 @@
+"""Train one stage into a generator folder: the pieces around :func:`pcdms.training.loop.train`.
+
+A generator folder holds everything a trained PCDMs pipeline needs, written
+stage by stage, and is itself loadable with ``PCDMsPipeline.from_pretrained``::
+
+    GEN/vae/                 AutoencoderKL (toy preset: trained with stage "vae")
+    GEN/clip/, GEN/dino/     stand-in encoders (random frozen, seeded) when no pretrained ones
+    GEN/prior/ inpaint/ refine/   stage folders (config.json + model.safetensors)
+    GEN/model_index.json     stages present, encoders, schedules (rewritten after each export)
+    GEN/train/<stage>/       checkpoints/, log.csv, pairs.csv, manifest.json
+    GEN/cache/               frozen-encoder outputs (pcdms.training.cache)
+    GEN/coarse/              stage-2 images of the training pairs, for stage 3 (make_coarse)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pcdms.io import read_json_object, sha256_folder, write_json_atomic
+from pcdms.training.pairs import TrainingPair, write_pairs_table
+
+ENCODER_FOLDERS = {"clip": "clip", "dino": "dino", "vae": "vae"}
+STAND_IN_NOTE = ("stand-in encoder: random frozen weights (seeded), not the pretrained OpenCLIP / DINOv2; "
+                 "results with it are a toy, not comparable with the paper")
+
+
+def pairs_sha256(pairs: Sequence[TrainingPair], extra: Sequence[str] = ()) -> str:
+    """Identity of a training set: hash of the ordered (source, target[, extra]) names and keypoints."""
+    h = hashlib.sha256()
+    for i, p in enumerate(pairs):
+        h.update(f"{p.source.name}|{p.source_keypoints}|{p.target.name}|{p.target_keypoints}".encode())
+        if extra:
+            h.update(str(extra[i]).encode())
+    return h.hexdigest()
+
+
+def make_stand_in_encoders(gen_dir: str | os.PathLike, preset, seed: int) -> None:
+    """Write seeded random stand-ins for CLIP and DINOv2 into ``gen_dir/clip`` and ``gen_dir/dino``
+    (once: existing ones are kept if made with the same seed, else ``ValueError``)."""
+    from pcdms.encoders import ClipImageEncoder, DinoEncoder, stand_in_configs
+
+    gen_dir = Path(gen_dir)
+    note = gen_dir / "stand_in.json"
+    if note.is_file():
+        stored = read_json_object(note).get("seed")
+        if stored != seed:
+            raise ValueError(f"{note}: stand-in encoders were made with seed {stored}, not {seed}")
+        return
+    configs = stand_in_configs(preset)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clip = ClipImageEncoder(configs["clip"])
+        dino = DinoEncoder.from_config(configs["dino"])
+    clip.save_pretrained(gen_dir / "clip")
+    dino.save_pretrained(gen_dir / "dino")
+    write_json_atomic(note, {"seed": seed, "encoders": ["clip", "dino"], "note": STAND_IN_NOTE})
+
+
+def load_generator_encoders(gen_dir, preset, clip_path=None, dino_path=None, vae_path=None, device="cpu"):
+    """Frozen encoders for training into ``gen_dir``: given paths first, else ``gen_dir``'s own
+    ``clip/``, ``dino/``, ``vae/``; a missing one is a :class:`pcdms.encoders.WeightsNotFoundError`."""
+    from pcdms.encoders import build_encoders
+
+    gen_dir = Path(gen_dir)
+    own = {k: gen_dir / v for k, v in ENCODER_FOLDERS.items()}
+    paths = {"clip": clip_path or (own["clip"] if own["clip"].is_dir() else None),
+             "dino": dino_path or (own["dino"] if own["dino"].is_dir() else None),
+             "vae": vae_path or (own["vae"] if own["vae"].is_dir() else None)}
+    return build_encoders(preset, paths["clip"], paths["dino"], paths["vae"], device=device), paths
+
+
+def write_model_index(gen_dir: str | os.PathLike, preset, encoder_paths: dict | None = None) -> Path | None:
+    """(Re)write ``gen_dir/model_index.json`` and the two scheduler configs for the stages present;
+    None (nothing written) while there is no inpaint stage yet."""
+    from diffusers import DDIMScheduler
+
+    from pcdms.pipeline import latent_schedule_config, prior_schedule_config
+
+    gen_dir = Path(gen_dir)
+    stages = [s for s in ("prior", "inpaint", "refine") if (gen_dir / s / "config.json").is_file()]
+    if "inpaint" not in stages:
+        return None
+    for sub, schedule in (("prior_scheduler", prior_schedule_config()),
+                          ("latent_scheduler", latent_schedule_config(preset))):
+        config = dict(DDIMScheduler.from_config(schedule).config)
+        write_json_atomic(gen_dir / sub / "scheduler_config.json", {"_class_name": "DDIMScheduler", **config})
+    encoders = {k: v for k, v in ENCODER_FOLDERS.items() if (gen_dir / v).is_dir()}
+    index = {"_class_name": "PCDMsPipeline", "preset": preset.name, "stages": stages, "encoders": encoders}
+    if (gen_dir / "stand_in.json").is_file():
+        index["stand_in"] = read_json_object(gen_dir / "stand_in.json")
+    write_json_atomic(gen_dir / "model_index.json", index)
+    return gen_dir / "model_index.json"
+
+
+def write_run_manifest(run_dir: Path, **fields) -> None:
+    write_json_atomic(Path(run_dir) / "manifest.json", {"step": "train-pcdms", **fields})
+
+
+def folder_sha256(path: Path) -> str | None:
+    return sha256_folder(path) if Path(path).is_dir() else None
+
+
+def config_dict(obj) -> dict:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+
+@torch.no_grad()
+def vae_scaling_factor(vae, images: torch.Tensor, batch: int = 64) -> float:
+    """1 / std of the VAE's posterior-mean latents on ``images`` (B, 3, H, W) in [0, 1]: the
+    ``scaling_factor`` that gives the diffusion stages unit-variance latents (as SD's 0.18215)."""
+    zs = [vae.encode(images[i:i + batch] * 2 - 1).latent_dist.mode() for i in range(0, len(images), batch)]
+    return float(1.0 / torch.cat(zs).float().std())
+
+
+@torch.no_grad()
+def vae_psnr(vae, images: torch.Tensor, batch: int = 64) -> float:
+    """Mean PSNR (dB, images in [0, 1]) of posterior-mean reconstructions of ``images`` (B, 3, H, W)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        recon = ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
+        mse = (recon - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        out.append(10 * torch.log10(1.0 / mse))
+    return float(torch.cat(out).mean())
+
+
+def _device(device) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def train_vae(
+    images: Sequence[Path], gen_dir: str | os.PathLike, preset, cfg, loss, *, heldout: Sequence[Path] = (),
+    resume=None, device=None, progress: bool = True,
+) -> dict:
+    """Train the preset's stand-in VAE (diffusers ``AutoencoderKL``) on ``images`` into ``gen_dir/vae``.
+
+    After training, ``scaling_factor`` is set to 1 / std of the training latents. Returns
+    ``{"psnr_train": dB, "psnr_heldout": dB or None, "scaling_factor": ...}`` (posterior-mean
+    reconstructions, at most 256 images each).
+    """
+    from diffusers import AutoencoderKL
+
+    from pcdms.encoders import stand_in_configs
+    from pcdms.training.cache import load_image
+    from pcdms.training.loop import barrier, train
+    from pcdms.training.tasks import VaeForward, VaeTask
+
+    gen_dir, dev = Path(gen_dir), _device(device)
+    run_dir = gen_dir / "train" / "vae"
+    vae_config = stand_in_configs(preset)["vae"]
+    h, w = preset.latent_size
+    task = VaeTask(images, preset.image_size, (preset.latent_channels, h, w), loss, progress)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        vae = AutoencoderKL(**vae_config)
+    identity = {"stage": "vae", "preset": preset.name, "model_config": dict(vae_config),
+                "data_sha256": hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()}
+    wrapper = VaeForward(vae)
+    train(wrapper, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress)
+    barrier()
+    vae = wrapper.vae.eval()
+    sample = task.images[:256].float().to(dev) / 255
+    vae.register_to_config(scaling_factor=vae_scaling_factor(vae, sample))
+    held = (torch.stack([load_image(p, preset.image_size) for p in list(heldout)[:256]]).to(dev) if heldout
+            else None)
+    metrics = {"psnr_train": vae_psnr(vae, sample), "psnr_heldout": vae_psnr(vae, held) if held is not None else None,
+               "scaling_factor": vae.config.scaling_factor}
+    vae.save_pretrained(str(gen_dir / "vae"), safe_serialization=True)
+    write_run_manifest(run_dir, stage="vae", preset=preset.name, identity=identity, train=config_dict(cfg),
+                       loss=config_dict(loss), images=len(images), heldout_images=len(list(heldout)[:256]),
+                       metrics=metrics, output=str(gen_dir / "vae"), output_sha256=folder_sha256(gen_dir / "vae"))
+    return metrics
+
+
+def init_prior_from_kandinsky(model, folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy a local Kandinsky-2.2 prior's transformer blocks, time embedding, ``norm_out`` and
+    ``prd_embedding`` into ``model`` (a ``PosePriorTransformer``), as the PCDMs release starts stage 1.
+
+    ``folder``: a diffusers ``PriorTransformer`` folder (``prior/`` subfolder or bare) with
+    ``diffusion_pytorch_model.safetensors``. Returns ``{"copied": [...], "kept_init": [...]}``.
+    Raises ``FileNotFoundError`` (no weights) or ``ValueError`` listing what does not fit.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    name = "diffusion_pytorch_model.safetensors"
+    file = next((c for c in (folder / "prior" / name, folder / name) if c.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{folder}: no prior/{name} (nor {name}); needed: a Kandinsky-2.2 prior diffusers "
+                                "folder (Hugging Face repo kandinsky-community/kandinsky-2-2-prior)")
+    theirs = load_file(str(file))
+    ours = model.state_dict()
+    wanted = [k for k in ours if k.startswith(("transformer_blocks.", "time_embedding.", "norm_out."))
+              or k == "prd_embedding"]
+    absent = [k for k in wanted if k not in theirs]
+    bad = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in wanted
+           if k in theirs and theirs[k].shape != ours[k].shape]
+    if absent or bad:
+        raise ValueError(f"{file} does not fit this prior (width {model.config.width}, "
+                         f"{model.config.num_layers} blocks): missing {absent[:10]}{' ...' if len(absent) > 10 else ''}"
+                         f"; shape mismatches {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    with torch.no_grad():
+        for k in wanted:
+            ours[k].copy_(theirs[k])
+    return {"copied": wanted, "kept_init": sorted(set(ours) - set(wanted))}
+
+
+def _init_model(stage: str, preset, init, embed_stats, task, seed: int):
+    from pcdms.models import build_stage, init_from_stable_diffusion
+
+    config = getattr(preset, stage)
+    if stage == "prior" and embed_stats == "train":
+        mean, std = task.embed_stats()
+        config = dataclasses.replace(config, embed_mean=mean, embed_std=std)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_stage(stage, config, preset.name)
+    report = {"init": "random"}
+    if init is not None:
+        got = (init_prior_from_kandinsky(model, init) if stage == "prior" else init_from_stable_diffusion(model, init))
+        report = {"init": str(init), "kept_init": got["kept_init"]}
+    return model, report
+
+
+def read_coarse_table(coarse_dir: str | os.PathLike, pairs: Sequence[TrainingPair]) -> list[Path]:
+    """Coarse image of each pair from ``coarse_dir/coarse.csv`` (written by :func:`make_coarse`);
+    ``ValueError`` naming the first pair without one."""
+    import csv
+
+    coarse_dir = Path(coarse_dir)
+    table = coarse_dir / "coarse.csv"
+    if not table.is_file():
+        raise FileNotFoundError(f"{table} not found: run make-coarse with the trained inpaint stage first")
+    with open(table, newline="") as f:
+        rows = {(r["source"], r["target"]): coarse_dir / r["coarse"] for r in csv.DictReader(f)}
+    out = []
+    for p in pairs:
+        path = rows.get((p.source.name, p.target.name))
+        if path is None or not path.is_file():
+            raise ValueError(f"{table}: no coarse image for pair {p.source.name} -> {p.target.name}; run make-coarse "
+                             "on the same pairs")
+        out.append(path)
+    return out
+
+
+def train_diffusion_stage(
+    stage: str, pairs: Sequence[TrainingPair], gen_dir: str | os.PathLike, preset, cfg, loss, *,
+    init=None, embed_stats: str = "train", clip_path=None, dino_path=None, vae_path=None,
+    stand_in_seed: int | None = None, coarse_dir=None, resume=None, device=None, progress: bool = True,
+    sources: dict | None = None,
+) -> dict:
+    """Train ``stage`` ("prior" | "inpaint" | "refine") on ``pairs`` into ``gen_dir/<stage>``.
+
+    Encoders: the given paths, else ``gen_dir``'s own (``stand_in_seed`` first writes seeded random
+    stand-ins for CLIP/DINOv2 there). Refine reads the coarse image of every pair from
+    ``coarse_dir`` (default ``gen_dir/coarse``, see :func:`make_coarse`). Returns
+    ``{"output", "step", "final_loss"}``. Raises ``ValueError`` / ``FileNotFoundError`` /
+    :class:`pcdms.training.loop.ResumeError` with the cause.
+    """
+    from pcdms.checkpoint import save_model
+    from pcdms.training.cache import EncoderCache
+    from pcdms.training.loop import LOG_NAME, barrier, train
+    from pcdms.training.tasks import InpaintTask, PriorTask, RefineTask
+
+    if stage not in ("prior", "inpaint", "refine"):
+        raise ValueError(f"unknown diffusion stage {stage!r}")
+    if init is not None and not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: folder not found")
+    gen_dir, dev = Path(gen_dir), _device(device)
+    run_dir = gen_dir / "train" / stage
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if stand_in_seed is not None and rank == 0:
+        make_stand_in_encoders(gen_dir, preset, stand_in_seed)
+    barrier()
+    encoders, enc_paths = load_generator_encoders(gen_dir, preset, clip_path, dino_path, vae_path, device=dev)
+    coarse = read_coarse_table(coarse_dir or gen_dir / "coarse", pairs) if stage == "refine" else None
+    def build_task():
+        cache = EncoderCache(gen_dir / "cache", encoders, preset.image_size)
+        if stage == "prior":
+            return cache, PriorTask(pairs, cache, preset.clip_embed_dim, preset.image_size, loss, progress)
+        if stage == "inpaint":
+            return cache, InpaintTask(pairs, cache, preset, loss, progress)
+        return cache, RefineTask(pairs, coarse, cache, preset, loss, progress)
+
+    # Rank 0 fills the cache, then the others read it: never two writers on one shard.
+    if rank == 0:
+        cache, task = build_task()
+    barrier()
+    if rank != 0:
+        cache, task = build_task()
+    model, init_report = _init_model(stage, preset, init, embed_stats, task, cfg.seed)
+    identity = {"stage": stage, "preset": preset.name, "model_config": dataclasses.asdict(model.config),
+                "data_sha256": pairs_sha256(pairs, [c.name for c in coarse] if coarse else ()),
+                "loss": config_dict(loss), "encoders_sha256": dict(cache.hashes)}
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_pairs_table(run_dir / "pairs.csv", pairs)
+
+    def export(weights, step):
+        save_model(weights, gen_dir / stage)
+        write_model_index(gen_dir, preset)
+        write_run_manifest(run_dir, stage=stage, preset=preset.name, identity=identity, train=config_dict(cfg),
+                           complete=step >= cfg.max_steps, exported_step=step, pairs=len(pairs),
+                           sources=sources or {}, init=init_report, embed_stats=embed_stats,
+                           encoders={k: str(v) if v else "random" for k, v in enc_paths.items()},
+                           output=str(gen_dir / stage), output_sha256=folder_sha256(gen_dir / stage))
+
+    train(model, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress,
+          on_checkpoint=export)
+    final_loss = None
+    if (run_dir / LOG_NAME).is_file():
+        lines = (run_dir / LOG_NAME).read_text().strip().splitlines()
+        final_loss = lines[-1].split(",")[1] if len(lines) > 1 else None
+    return {"output": str(gen_dir / stage), "step": cfg.max_steps, "final_loss": final_loss}
+
+
+def _pair_seed(seed: int, pair: TrainingPair) -> int:
+    digest = hashlib.sha256(f"{seed}|{pair.source.name}|{pair.target.name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def make_coarse(
+    pairs: Sequence[TrainingPair], gen_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
+    num_inference_steps: int = 20, guidance_scale: float = 2.0, scheduler: str = "ddim", seed: int = 0,
+    batch_size: int = 32, device=None, progress: bool = True,
+) -> Path:
+    """Stage-2 (coarse) images of ``pairs`` made by the trained generator in ``gen_dir``: the inputs
+    stage 3 learns from (the release trains refining on stage-2 outputs, not ground truth).
+
+    Uses prior + inpaint (ablation B2) when ``gen_dir`` has a prior, else inpaint only (B1).
+    Writes ``out`` (default ``gen_dir/coarse``): ``<source stem>__<target stem>.png`` per pair,
+    ``coarse.csv`` (source, target, coarse) and ``manifest.json``. Each image is a function of
+    its pair and ``seed`` (one noise generator per pair), so a killed run resumes by running again:
+    existing images are kept.
+    """
+    import csv
+
+    from tqdm.auto import tqdm
+
+    from pcdms.io import atomic_path, sha256_file
+    from pcdms.pipeline import PCDMsPipeline
+    from pcdms.training.cache import load_image
+
+    gen_dir, dev = Path(gen_dir), _device(device)
+    out = Path(out) if out is not None else gen_dir / "coarse"
+    pipe = PCDMsPipeline.from_pretrained(gen_dir, device=dev)
+    stages = "B2" if pipe.prior is not None else "B1"
+    names = [f"{p.source.stem}__{p.target.stem}.png" for p in pairs]
+    todo = [i for i, n in enumerate(names) if not (out / n).is_file()]
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"stages": stages, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                "scheduler": scheduler, "seed": seed,
+                "checkpoints_sha256": {s: folder_sha256(gen_dir / s) for s in ("prior", "inpaint")}}
+    manifest = out / "manifest.json"
+    if manifest.is_file() and read_json_object(manifest).get("settings") != settings:
+        raise ValueError(f"{manifest}: coarse images there were made with other settings or checkpoints; "
+                         "use another --out or delete the folder")
+    write_json_atomic(manifest, {"step": "make-coarse", "settings": settings, "complete": False})
+    h, w = pipe.preset.image_size
+    with tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="make-coarse", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            src = torch.stack([load_image(pairs[i].source, (h, w)) for i in chunk])
+            kps = [pairs[i].keypoints() for i in chunk]
+            gens = [torch.Generator().manual_seed(_pair_seed(seed, pairs[i])) for i in chunk]
+            result = pipe(src, torch.tensor(np.stack([k[0] for k in kps])), torch.tensor(np.stack([k[1] for k in kps])),
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gens,
+                          stages=stages, scheduler=scheduler, output_type="pil")
+            for i, img in zip(chunk, result.coarse_images):
+                with atomic_path(out / names[i]) as tmp:
+                    img.save(tmp)
+            bar.update(len(chunk))
+    with atomic_path(out / "coarse.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["source", "target", "coarse"])
+            writer.writerows([p.source.name, p.target.name, n] for p, n in zip(pairs, names))
+    write_json_atomic(manifest, {"step": "make-coarse", "settings": settings, "complete": True, "pairs": len(pairs),
+                                 "pairs_sha256": pairs_sha256(pairs)})
+    return out

@@ -1,0 +1,272 @@
+"""What one training step of each stage reads and minimises (PCDMs Sec. 3.2-3.4, App. B; DESIGN.md §7).
+
+A task turns pairs (and the encoder cache) into CPU tensors once, then gives
+the loop three things: ``batch(indices)`` (a dict of per-sample tensors),
+``draws(generator, n)`` (the step's random numbers for ``n`` samples: noise,
+timesteps, condition-drop masks) and ``loss(model, batch, draws)``. The loop
+draws for the whole global batch and slices per process, so several processes
+and one process compute the same step.
+
+- prior (Eq. 3): x0-prediction MSE on the standardised target CLIP embedding,
+  cosine schedule, 1000 steps; conditions (source embedding, source pose,
+  target pose) dropped jointly to the model's ``null_condition``.
+- inpaint (Eq. 5): MSE on the preset's prediction target (epsilon for the paper
+  preset, v for the toy one) over the whole [source | target] canvas latent;
+  DINOv2 tokens and global embedding dropped jointly; the global embedding is
+  the *target's* CLIP embedding (as the release trains it; stage 1 predicts it
+  at sampling time).
+- refine (Eq. 7): same loss on the target latent, conditioned on the latent of
+  the coarse image stage 2 made for the pair; coarse latent and DINOv2 tokens
+  dropped jointly.
+- vae: reconstruction (L1 + MSE) plus a small KL term on diffusers'
+  ``AutoencoderKL``, for presets without a pretrained VAE (the toy one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from pcdms.models.conditions import condition_masks
+from pcdms.pipeline import canvas_mask, latent_schedule_config, pose_canvas, prior_schedule_config
+from pcdms.pose import pose_to_vector
+from pcdms.training.cache import EncoderCache, load_image
+from pcdms.training.pairs import TrainingPair
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss settings stored with every checkpoint.
+
+    ``p_joint``: probability that all of a stage's conditions are dropped together (DESIGN §7: 0.1);
+    ``p_extra``: independent extra drop per condition (the release: 0.1 each, joint 0);
+    ``snr_gamma``: min-SNR-gamma loss weighting (Hang et al. 2023), None = plain MSE;
+    ``noise_offset``: the release's offset noise (0.1), per sample and channel;
+    ``vae_kl_weight``: KL weight of the VAE stage.
+    """
+
+    p_joint: float = 0.1
+    p_extra: float = 0.0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    vae_kl_weight: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("p_joint", "p_extra"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive or None, got {self.snr_gamma}")
+
+
+def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   scheduler: DDPMScheduler, snr_gamma: float | None) -> torch.Tensor:
+    """MSE between ``pred`` and the scheduler's prediction target (epsilon | v | x0), optionally
+    min-SNR weighted (weights normalised per prediction type as in Hang et al. 2023, Eq. 10)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+    err = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if snr_gamma is None:
+        return err.mean()
+    ac = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac).clamp_min(1e-12)
+    weight = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    weight = {"epsilon": weight / snr.clamp_min(1e-12), "v_prediction": weight / (snr + 1), "sample": weight}[kind]
+    return (err * weight).mean()
+
+
+class _DiffusionTask:
+    """Shared draws of the three diffusion stages: noise, offset noise, timestep, drop masks."""
+
+    num_conditions: int
+    sample_shape: tuple[int, ...]
+
+    def __init__(self, schedule: dict, loss: LossConfig):
+        self.schedule = dict(schedule)
+        self.scheduler = DDPMScheduler.from_config(self.schedule)
+        self.loss_cfg = loss
+
+    def draws(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        noise = torch.randn((n, *self.sample_shape), generator=generator)
+        if self.loss_cfg.noise_offset:
+            offset = torch.randn((n, self.sample_shape[0]) + (1,) * (len(self.sample_shape) - 1), generator=generator)
+            noise = noise + self.loss_cfg.noise_offset * offset
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        masks = condition_masks(n, self.num_conditions, self.loss_cfg.p_joint, self.loss_cfg.p_extra, generator,
+                                torch.device("cpu"))
+        return {"noise": noise, "t": t, "masks": masks.T.contiguous()}  # (n, C): sliced by sample like the rest
+
+    def _noisy(self, x0, draws):
+        noise, t = draws["noise"].to(x0), draws["t"].to(x0.device)
+        return self.scheduler.add_noise(x0, noise, t), noise, t
+
+    def _loss(self, pred, x0, noise, t):
+        return diffusion_loss(pred, x0, noise, t, self.scheduler, self.loss_cfg.snr_gamma)
+
+
+def _pose_vectors(pairs: Sequence[TrainingPair], image_size) -> tuple[torch.Tensor, torch.Tensor]:
+    h, w = image_size
+    src = np.stack([pose_to_vector(p.keypoints()[0], h, w) for p in pairs])
+    tgt = np.stack([pose_to_vector(p.keypoints()[1], h, w) for p in pairs])
+    return torch.from_numpy(src), torch.from_numpy(tgt)
+
+
+class PriorTask(_DiffusionTask):
+    """Stage 1 on cached CLIP embeddings; ``embed_stats`` = (mean, std) the model standardises with."""
+
+    num_conditions = 3
+
+    def __init__(self, pairs: Sequence[TrainingPair], cache: EncoderCache, embed_dim: int, image_size,
+                 loss: LossConfig, progress: bool = False):
+        super().__init__(prior_schedule_config(), loss)
+        self.sample_shape = (embed_dim,)
+        self.source_clip = cache.get("clip", [p.source for p in pairs], progress)
+        self.target_clip = cache.get("clip", [p.target for p in pairs], progress)
+        self.source_pose, self.target_pose = _pose_vectors(pairs, image_size)
+
+    def __len__(self) -> int:
+        return len(self.source_clip)
+
+    def embed_stats(self) -> tuple[float, float]:
+        """Scalar mean and std of the target embeddings (the release standardises with two scalars)."""
+        return float(self.target_clip.mean()), float(self.target_clip.std())
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"source_clip": self.source_clip[idx], "target_clip": self.target_clip[idx],
+                "source_pose": self.source_pose[idx], "target_pose": self.target_pose[idx]}
+
+    def loss(self, model, batch, draws) -> torch.Tensor:
+        net = _unwrap(model)
+        x0 = net.normalize_embeds(batch["target_clip"])
+        noisy, noise, t = self._noisy(x0, draws)
+        conds = net.drop_conditions(batch["source_clip"], batch["source_pose"], batch["target_pose"],
+                                      masks=draws["masks"].T)
+        return self._loss(model(noisy, t, *conds), x0, noise, t)
+
+
+class InpaintTask(_DiffusionTask):
+    """Stage 2 on cached latents, masked-canvas latents, DINOv2 tokens and CLIP embeddings."""
+
+    num_conditions = 2
+
+    def __init__(self, pairs: Sequence[TrainingPair], cache: EncoderCache, preset, loss: LossConfig,
+                 progress: bool = False):
+        super().__init__(latent_schedule_config(preset), loss)
+        h, w = preset.latent_size
+        self.sample_shape = (preset.latent_channels, h, 2 * w)
+        self.image_size, self.f = preset.image_size, preset.vae_scale_factor
+        src, tgt = [p.source for p in pairs], [p.target for p in pairs]
+        self.source_latent = cache.get("latent", src, progress)
+        self.target_latent = cache.get("latent", tgt, progress)
+        self.masked_latent = cache.get("masked_latent", src, progress)
+        self.dino = cache.get("dino", src, progress)
+        self.target_clip = cache.get("clip", tgt, progress)
+        self.keypoints = [p.keypoints() for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.source_latent)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        kps = [self.keypoints[i] for i in idx.tolist()]
+        poses = pose_canvas(np.stack([k[0] for k in kps]), np.stack([k[1] for k in kps]), self.image_size)
+        # [latent(source) | latent(target)] stands for latent([source | target]); see cache.canvas_seam_error.
+        x0 = torch.cat([self.source_latent[idx], self.target_latent[idx]], dim=-1)
+        return {"x0": x0, "masked_latent": self.masked_latent[idx], "pose_canvas": poses,
+                "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
+                "global": self.target_clip[idx]}
+
+    def loss(self, model, batch, draws) -> torch.Tensor:
+        x0 = batch["x0"]
+        noisy, noise, t = self._noisy(x0, draws)
+        dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], batch["global"], masks=draws["masks"].T)
+        pred = model(noisy, t, batch["mask"], batch["masked_latent"], batch["pose_canvas"], dino, global_embed)
+        return self._loss(pred, x0, noise, t)
+
+
+class RefineTask(_DiffusionTask):
+    """Stage 3: target latent given the coarse stage-2 image of the pair (``coarse[i]`` for ``pairs[i]``)."""
+
+    num_conditions = 2
+
+    def __init__(self, pairs: Sequence[TrainingPair], coarse: Sequence, cache: EncoderCache, preset,
+                 loss: LossConfig, progress: bool = False):
+        if len(coarse) != len(pairs):
+            raise ValueError(f"refine needs one coarse image per pair: {len(coarse)} coarse for {len(pairs)} pairs")
+        super().__init__(latent_schedule_config(preset), loss)
+        self.sample_shape = (preset.latent_channels, *preset.latent_size)
+        self.target_latent = cache.get("latent", [p.target for p in pairs], progress)
+        self.coarse_latent = cache.get("latent", list(coarse), progress)
+        self.dino = cache.get("dino", [p.source for p in pairs], progress)
+
+    def __len__(self) -> int:
+        return len(self.target_latent)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"x0": self.target_latent[idx], "coarse": self.coarse_latent[idx], "dino": self.dino[idx]}
+
+    def loss(self, model, batch, draws) -> torch.Tensor:
+        x0 = batch["x0"]
+        noisy, noise, t = self._noisy(x0, draws)
+        coarse, dino = _unwrap(model).drop_conditions(batch["coarse"], batch["dino"], masks=draws["masks"].T)
+        return self._loss(model(noisy, t, coarse, dino), x0, noise, t)
+
+
+class VaeTask:
+    """Autoencoder on whole images (random horizontal flips): L1 + MSE reconstruction + KL."""
+
+    def __init__(self, images: Sequence, image_size, latent_shape: tuple[int, ...], loss: LossConfig,
+                 progress: bool = False):
+        from tqdm.auto import tqdm
+
+        self.images = torch.stack([(load_image(p, image_size) * 255).round().to(torch.uint8)
+                                   for p in tqdm(images, desc="loading images", disable=not progress, leave=False)])
+        self.latent_shape = tuple(latent_shape)
+        self.loss_cfg = loss
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"images": self.images[idx].float() / 255.0}
+
+    def draws(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        return {"flip": torch.rand(n, generator=generator) < 0.5,
+                "noise": torch.randn((n, *self.latent_shape), generator=generator)}
+
+    def loss(self, model, batch, draws) -> torch.Tensor:
+        x = batch["images"]
+        x = torch.where(draws["flip"].view(-1, 1, 1, 1).to(x.device), x.flip(-1), x) * 2 - 1
+        recon, kl = model(x, draws["noise"].to(x))
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        return rec + self.loss_cfg.vae_kl_weight * kl.mean()
+
+
+class VaeForward(torch.nn.Module):
+    """``AutoencoderKL`` as one forward (``x`` in [-1, 1], posterior noise) -> (reconstruction, KL), so
+    DistributedDataParallel can wrap it; ``.vae`` is what gets saved."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(x).latent_dist
+        z = dist.mean + dist.std * noise
+        return self.vae.decode(z).sample, dist.kl()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (its methods; forward goes through the wrapper)."""
+    return getattr(model, "module", model)
