@@ -372,11 +372,12 @@ class PCDMsPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, encoders: FrozenEncoders | None = None, preset=None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "PCDMsPipeline":
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "PCDMsPipeline":
         """Load a folder written by :meth:`save_pretrained` (or ``train-pcdms``); ``preset`` defaults to
         the one named in ``model_index.json``. Stage networks must match the preset's configs.
         ``encoders`` None: the encoders the folder carries (:meth:`bundled_encoder_paths`); a missing
-        one is a :class:`pcdms.encoders.WeightsNotFoundError`."""
+        one is a :class:`pcdms.encoders.WeightsNotFoundError`. Weights are cast to ``dtype`` (default float32,
+        whatever dtype they are stored in)."""
         from pcdms.checkpoint import load_model
         from pcdms.encoders import build_encoders
         from pcdms.presets import get_preset

@@ -124,8 +124,11 @@ def run_experiment(
         if arm is not None:
             echo(f"{label}: synthesizing ({arm.synthesis.generator})")
             syn_cfg = dataclasses.replace(arm.synthesis, seed=seed)
+            # Nested subsets share sources: images the same job made at another fraction are reused.
+            others = [synthetic_dir(run_dir, name, f, seed) for f in cfg.fractions if f != fraction]
             syn_dir = synthesize(
-                syn_cfg, dataset, records, synthetic_dir(run_dir, name, fraction, seed), subset_file=sub_path
+                syn_cfg, dataset, records, synthetic_dir(run_dir, name, fraction, seed), subset_file=sub_path,
+                reuse_from=others, log=echo,
             )
             synthetic = read_image_folder(syn_dir, relabel=False, keep_distractors=False)
             bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=arm.synthetic_share)

@@ -49,6 +49,7 @@ from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import IMAGE_SUFFIXES, DatasetError, ImageRecord, ReidDataset, parse_market_name
 from reid_aug.data.subset import write_subset_csv
 from reid_aug.data.toy import camera_for, identity_for, read_toy_manifest
+from reid_aug.generators import resolve_pipeline
 from reid_aug.data.toy_render import PoseParams, project_pose, render_person, sample_pose_params
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from reid_aug.posebank import (
@@ -146,6 +147,8 @@ class SynthesisConfig:
         for key in ("pipeline", "clip_checkpoint", "dino_path", "vae_path"):
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, Path(getattr(self, key)))
+        # "builtin:toy" names the generator shipped in the package (reid_aug.generators).
+        object.__setattr__(self, "pipeline", resolve_pipeline(self.pipeline))
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,46 @@ def _write_tables(out: Path, items: Sequence[SynthesisItem], subset_records: Seq
     return {name: sha256_file(out / name) for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV)}
 
 
+def _plan_row(it: SynthesisItem) -> tuple:
+    return (it.source.name, str(it.k), str(it.seed), it.target or "", json.dumps([list(p) for p in it.target_keypoints]))
+
+
+def _reuse(todo: Sequence[SynthesisItem], out: Path, folders: Sequence[str | Path], config: Mapping[str, Any],
+           checkpoints: Mapping[str, str]) -> set[str]:
+    """Link into ``out`` the images of ``todo`` that a complete folder of the same job already made."""
+    import os
+    import shutil
+
+    wanted = {it.name: _plan_row(it) for it in todo}
+    done: set[str] = set()
+    for folder in map(Path, folders):
+        if folder.absolute() == out or not (folder / SYNTHESIS_CSV).is_file():
+            continue
+        try:
+            stored = read_synthesis_manifest(folder)
+        except SynthesisError:
+            continue
+        if (stored is None or not stored.get("complete")
+                or _compared_config(stored.get("config", {})) != _compared_config(config)
+                or (checkpoints.get("pipeline") and stored.get("checkpoints", {}).get("pipeline")
+                    != checkpoints.get("pipeline"))):
+            continue
+        with open(folder / SYNTHESIS_CSV, newline="") as f:
+            rows = {r["name"]: (r["source"], r["k"], r["seed"], r["target"], r["target_keypoints"])
+                    for r in csv.DictReader(f)}
+        for name, row in wanted.items():
+            if name in done or rows.get(name) != row or not (folder / name).is_file():
+                continue
+            with atomic_path(out / name) as tmp:
+                tmp.unlink()
+                try:
+                    os.link(folder / name, tmp)
+                except OSError:
+                    shutil.copyfile(folder / name, tmp)
+            done.add(name)
+    return done
+
+
 def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
     """Sources must be training images of ``dataset``; no pid may be a query/gallery identity (DESIGN §6)."""
     train = {r.name: r for r in dataset.train}
@@ -519,8 +562,14 @@ def synthesize(
     progress: bool = True,
     sources_extra: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    reuse_from: Sequence[str | Path] = (),
 ) -> Path:
     """Run (or resume) the synthesis job of ``cfg`` for ``subset_records`` into ``out_dir``; return it.
+
+    ``reuse_from``: other complete synthesis folders (e.g. the same method at other fractions of
+    a sweep). An image is a pure function of (source, k, seed, target pose, generator, settings),
+    so a planned image that such a folder made with the same config, the same pipeline weights
+    and the same plan row is hard-linked (or copied) instead of generated again.
 
     ``poses_csv``: annotation file of the training images (default
     ``<dataset root>/market-annotation-train.csv``; toy-oracle reads none). ``subset_file`` and
@@ -613,6 +662,13 @@ def synthesize(
         write_manifest(out, STEP, config=config, seed=cfg.seed, sources=sources, checkpoints=checkpoints,
                        extra=extra)
 
+    if todo and reuse_from:
+        reused = _reuse(todo, out, reuse_from, config, checkpoints)
+        counts["reused"] = counts.get("reused", 0) + len(reused)
+        todo = [it for it in todo if it.name not in reused]
+        counts["generated_this_run"] = len(todo)
+        if reused:
+            say(f"{out}: {len(reused)} images reused from other folders of the same job")
     if todo:
         say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)")
         manifest(complete=False)  # marks the folder as this job's before the first image lands

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -128,12 +129,29 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _as_json(value):
+    """``value`` as it reads back from JSON (tuples become lists), so stored and live values compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _first_difference(old, new, where: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                return _first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else k)
+    return f"{where}: {str(old)[:60]!r} in the checkpoint, {str(new)[:60]!r} now"
+
+
 def _check_resume(state: dict, identity: dict, config: dict, path: Path) -> None:
-    for key in ("stage", "preset", "model_config", "data_sha256"):
-        if state.get("identity", {}).get(key) != identity.get(key):
-            raise ResumeError(f"{path}: checkpoint is for {key} {str(state.get('identity', {}).get(key))[:80]!r}, "
-                              f"this run is {str(identity.get(key))[:80]!r}; resume only the same stage, preset "
-                              "and data")
+    stored, live = state.get("identity", {}), _as_json(identity)
+    first = ("stage", "preset")
+    for key in [*first, *sorted((set(stored) | set(live)) - set(first))]:
+        old, new = stored.get(key), live.get(key)
+        if old == new:
+            continue
+        what = (f"checkpoint is for {key} {old!r}, this run is {new!r}" if not isinstance(old, dict)
+                else f"checkpoint belongs to another run: {_first_difference(old, new, key)}")
+        raise ResumeError(f"{path}: {what}; resume only the same stage, preset, data, loss and encoders")
     old = state.get("config", {})
     changed = sorted(k for k in set(old) | set(config) if k not in RESUMABLE_KEYS and old.get(k) != config.get(k))
     if changed:
@@ -199,8 +217,8 @@ def train(
         try:
             model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
             extra = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ResumeError(f"{path}: damaged checkpoint ({str(exc)[:200]})") from None
+        except Exception as exc:  # safetensors and pickle raise their own types for damaged files
+            raise ResumeError(f"{path}: damaged checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
         optimizer.load_state_dict(extra["optimizer"])
         schedule.load_state_dict(extra["schedule"])
         scaler.load_state_dict(extra["scaler"])
@@ -294,7 +312,7 @@ def _save_checkpoint(run_dir: Path, step: int, model, optimizer, schedule, scale
     save_file(state, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None}, tmp / "optimizer.pt")
-    write_json_atomic(tmp / STATE_NAME, {"step": step, "identity": identity, "config": config})
+    write_json_atomic(tmp / STATE_NAME, {"step": step, "identity": _as_json(identity), "config": config})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep]:

@@ -385,3 +385,48 @@ def make_coarse(
     write_json_atomic(manifest, {"step": "make-coarse", "settings": settings, "complete": True, "pairs": len(pairs),
                                  "pairs_sha256": pairs_sha256(pairs)})
     return out
+
+
+def export_generator(gen_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "float16",
+                     notes: dict | None = None) -> Path:
+    """Copy the loadable part of a generator folder to ``out`` (no checkpoints, cache or coarse images):
+    stage networks cast to ``dtype`` (storage only: ``PCDMsPipeline.from_pretrained`` loads them as
+    float32 by default), encoders, schedulers, ``model_index.json``, and each stage's training
+    manifest and log under ``training/``. ``notes`` is written as ``training/notes.json``.
+    Raises ``FileNotFoundError`` when ``gen_dir`` has no ``model_index.json``.
+    """
+    import shutil
+
+    from pcdms.checkpoint import load_model, save_model
+
+    gen_dir, out = Path(gen_dir), Path(out)
+    if not (gen_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{gen_dir}: no model_index.json (train the inpaint stage first)")
+    index = read_json_object(gen_dir / "model_index.json")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    torch_dtype = getattr(torch, dtype)
+    for stage in index["stages"]:
+        save_model(load_model(gen_dir / stage, dtype=torch_dtype), out / stage)
+    for sub in ("prior_scheduler", "latent_scheduler", *index.get("encoders", {}).values()):
+        if (gen_dir / sub).is_dir():
+            shutil.copytree(gen_dir / sub, out / sub)
+    if "vae" in index.get("encoders", {}):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(gen_dir / "vae"), local_files_only=True)
+        shutil.rmtree(out / "vae")
+        vae.to(torch_dtype).save_pretrained(str(out / "vae"), safe_serialization=True)
+    for name in ("stand_in.json", "model_index.json"):
+        if (gen_dir / name).is_file():
+            shutil.copyfile(gen_dir / name, out / name)
+    for stage in ("vae", *index["stages"]):
+        for name in ("manifest.json", "log.csv"):
+            src = gen_dir / "train" / stage / name
+            if src.is_file():
+                (out / "training").mkdir(exist_ok=True)
+                shutil.copyfile(src, out / "training" / f"{stage}-{name}")
+    if notes:
+        write_json_atomic(out / "training" / "notes.json", notes)
+    return out
