@@ -315,8 +315,13 @@ class PCDMsPipeline:
             (*shared, dino_tokens, global_embeds_in), (*shared, null_dino, null_global), w_inpaint,
             num_inference_steps, "inpaint")
 
-        # 5. Decode the whole canvas (the VAE decoder sees the seam with the source), keep the target half.
-        coarse_canvas = enc.vae.decode(canvas_latents.to(_dtype(enc.vae)))
+        # 5. Decode: the whole canvas (the VAE decoder sees the seam with the source) and keep the target
+        #    half, or, for presets whose canvas latent is two single-image latents, each half alone.
+        if preset.canvas_latents == "joint":
+            coarse_canvas = enc.vae.decode(canvas_latents.to(_dtype(enc.vae)))
+        else:
+            coarse_canvas = torch.cat([enc.vae.decode(half.to(_dtype(enc.vae)))
+                                       for half in canvas_latents.chunk(2, dim=-1)], dim=-1)
         coarse_images = coarse_canvas[..., preset.image_size[1]:]
 
         # 6. Stage 3, refining (Eq. 8): uncond drops the coarse latent and the DINOv2 tokens.

@@ -142,10 +142,19 @@ class Preset:
     stand_in_clip_size: int = 56
     stand_in_dino_size: int = 56
     stand_in_vae_channels: tuple[int, ...] | None = None
+    # How the clean stage-2 canvas latent relates to the VAE (training target and decoding):
+    # "joint" = VAE([source | target]) encoded and decoded as one canvas (the release; the
+    # trainer caches it per pair); "per_image" = [VAE(source) | VAE(target)], the target half
+    # decoded alone (a VAE trained on single person images, as the toy one, never saw the
+    # two-person canvas; its encoder attends across the seam, so the two differ: see
+    # pcdms.training.cache.canvas_seam_error).
+    canvas_latents: str = "joint"
 
     def __post_init__(self) -> None:
         if self.latent_beta_schedule not in ("scaled_linear", "linear", "squaredcos_cap_v2"):
             raise ValueError(f"Preset {self.name!r}: unknown latent_beta_schedule {self.latent_beta_schedule!r}")
+        if self.canvas_latents not in ("joint", "per_image"):
+            raise ValueError(f"Preset {self.name!r}: canvas_latents must be 'joint' or 'per_image'")
         if self.latent_prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"Preset {self.name!r}: latent_prediction_type must be 'epsilon' or 'v_prediction'")
         h, w = self.image_size
@@ -275,6 +284,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType({
         stand_in_clip_size=112,
         stand_in_dino_size=112,
         stand_in_vae_channels=(32, 64, 64, 64),
+        canvas_latents="per_image",
     ),
 })
 

@@ -191,3 +191,23 @@ def test_train_bot_command_one_epoch(market, tmp_path):
     bad = CliRunner().invoke(main, ["train-bot", "--data", str(market), "--out", str(tmp_path / "x"),
                                     "--pretrained", str(tmp_path / "resnet50-0676ba61.pth"), "--device", "cpu"])
     assert bad.exit_code != 0 and "resnet50-0676ba61.pth" in bad.output
+
+
+def test_epoch_steps_real_gives_augmented_runs_the_standard_step_count(market, tmp_path, one_thread):
+    """Pooled synthetic images lengthen an epoch; epoch_steps "real" keeps the real subset's batches per epoch."""
+    records = list(read_market(market).train)
+    rng = np.random.default_rng(3)
+    for pid in (1, 3, 5, 7):
+        for k in range(8):
+            _write(tmp_path / "syn", pid, 2, 700 + k, rng)
+    synthetic = read_image_folder(tmp_path / "syn", relabel=False, keep_distractors=False)
+    cfg = dataclasses.replace(TINY, epochs=1)
+    iterations = {}
+    for name, syn, steps in (("standard", [], "all"), ("all", synthetic, "all"), ("real", synthetic, "real")):
+        out = tmp_path / name
+        train_bot(dataclasses.replace(cfg, epoch_steps=steps), records, out, synthetic_records=syn, device="cpu",
+                  progress=False)
+        iterations[name] = int(_log(out)[-1]["iteration"])
+    assert iterations["all"] > iterations["standard"] == iterations["real"] > 0
+    with pytest.raises(ValueError, match="epoch_steps"):
+        BotConfig(epoch_steps="some")

@@ -341,7 +341,8 @@ def test_cache_hit_equals_miss_equals_direct_encoders(tmp_path, pairs4, encoders
     computed = {"inpaint": InpaintTask(pairs4, miss, TINY, loss),
                 "prior": PriorTask(pairs4, miss, TINY.clip_embed_dim, TINY.image_size, loss)}
     shards = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.safetensors"))
-    assert set(shards) == {"clip", "dino", "latent", "masked_latent"}
+    # The tiny preset trains on joint canvas latents (cached per pair), like the paper preset.
+    assert set(shards) == {"clip", "dino", "canvas_latent", "masked_latent"}
 
     monkeypatch.setattr(EncoderCache, "_fill", _no_fill)  # from here on, any encoder call fails the test
     hit = EncoderCache(tmp_path / "cache", encoders, TINY.image_size)
@@ -358,10 +359,10 @@ def test_cache_hit_equals_miss_equals_direct_encoders(tmp_path, pairs4, encoders
 
     src, tgt = images([p.source for p in pairs4]), images([p.target for p in pairs4])
     with torch.no_grad():
-        direct = {"source_latent": encoders.vae.encode(src), "target_latent": encoders.vae.encode(tgt),
+        direct = {"canvas_latent": encoders.vae.encode(torch.cat([src, tgt], dim=-1)),
                   "masked_latent": encoders.vae.encode(masked_canvas(src)), "dino": encoders.dino(src),
                   "target_clip": encoders.clip(tgt), "source_clip": encoders.clip(src)}
-    for stage, names in (("inpaint", ["source_latent", "target_latent", "masked_latent", "dino", "target_clip"]),
+    for stage, names in (("inpaint", ["canvas_latent", "masked_latent", "dino", "target_clip"]),
                          ("prior", ["source_clip", "target_clip"])):
         for name in names:
             a, b = getattr(computed[stage], name), getattr(loaded[stage], name)
@@ -377,7 +378,7 @@ def test_cache_hit_equals_miss_equals_direct_encoders(tmp_path, pairs4, encoders
             b = loaded[stage].loss(model, loaded[stage].batch(idx), draws)
             batch = computed[stage].batch(idx)
             if stage == "inpaint":
-                batch.update({"x0": torch.cat([direct["source_latent"], direct["target_latent"]], dim=-1),
+                batch.update({"x0": direct["canvas_latent"],
                               "masked_latent": direct["masked_latent"], "dino": direct["dino"],
                               "global": direct["target_clip"]})
             else:
@@ -613,3 +614,16 @@ def test_cli_resume_continues_a_run(tmp_path, market):
         pytest.xfail(f"library bug (train-pcdms --resume fails for every stage): {_TUPLE_BUG}")
     assert res.exit_code == 0, res.output
     assert [int(r["step"]) for r in _log(tmp_path / "gen" / "train" / "vae")] == [1, 2]
+
+
+def test_per_image_canvas_latents_follow_the_preset(tmp_path, pairs4, encoders):
+    """A preset with canvas_latents "per_image" (the toy one) trains on [VAE(source) | VAE(target)]."""
+    per_image = dataclasses.replace(TINY, canvas_latents="per_image")
+    cache = EncoderCache(tmp_path / "cache", encoders, TINY.image_size)
+    task = InpaintTask(pairs4, cache, per_image, LossConfig())
+    src = torch.stack([load_image(p.source, TINY.image_size) for p in pairs4])
+    tgt = torch.stack([load_image(p.target, TINY.image_size) for p in pairs4])
+    with torch.no_grad():
+        want = torch.cat([encoders.vae.encode(src), encoders.vae.encode(tgt)], dim=-1)
+    assert torch.allclose(task.batch(torch.arange(4))["x0"], want, atol=1e-5, rtol=0)
+    assert not list((tmp_path / "cache").glob("canvas_latent-*"))

@@ -10,13 +10,16 @@ weights, so each is computed once per image and stored:
 - ``latent``: (C, h, w) VAE latent (posterior mean, scaled) of one image;
 - ``masked_latent``: (C, h, 2w) VAE latent of the stage-2 masked canvas
   ``[image | black]`` whose left half is that image: exactly what the pipeline
-  encodes for a source (it depends on the source only, so it is exact).
+  encodes for a source (it depends on the source only, so it is exact);
+- ``canvas_latent``: (C, h, 2w) VAE latent of a pair's clean canvas
+  ``[source | target]`` (:meth:`EncoderCache.get_pairs`), for presets whose
+  canvas latent is "joint" (the release's training target).
 
-Not exact: the clean stage-2 canvas latent of a pair, ``VAE([source | target])``,
-is assembled as ``[latent(source) | latent(target)]``; the encoder's receptive
-field crosses the seam, so the two differ near it. ``canvas_seam_error``
-measures it (DESIGN.md §7 / README record the figure); caching per pair would
-multiply the cache by the pairs per image.
+``[latent(source) | latent(target)]`` is NOT ``VAE([source | target])``: the
+encoder's receptive field and its mid-block attention cross the seam.
+``canvas_seam_error`` measures the gap (for the toy VAE: 21 % of the latent's
+RMS overall, 35 % next to the seam), which is why a preset says which one it
+trains on and decodes (``Preset.canvas_latents``) and the trainer never mixes them.
 
 Entries are keyed by the SHA-256 of the image file's bytes, so renamed or
 copied images hit and edited ones miss. A cache folder belongs to one set of
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 from pcdms.io import atomic_path, read_json_object, sha256_file, write_json_atomic
 from pcdms.pipeline import masked_canvas
 
-KINDS = ("clip", "dino", "latent", "masked_latent")
+KINDS = ("clip", "dino", "latent", "masked_latent", "canvas_latent")
 _ENCODER_OF = {"clip": "clip", "dino": "dino", "latent": "vae", "masked_latent": "vae"}
 META_NAME = "meta.json"
 CACHE_VERSION = 1
@@ -141,13 +144,28 @@ class EncoderCache:
             self._fill(kind, missing, progress)
         return torch.stack([store[k] for k in keys]).float()
 
+    def get_pairs(self, sources: Sequence[str | os.PathLike], targets: Sequence[str | os.PathLike],
+                  progress: bool = False) -> torch.Tensor:
+        """(B, C, h, 2w) cached ``VAE([source | target])`` of each pair (kind ``canvas_latent``)."""
+        keys = [f"{self.key(s)}|{self.key(t)}" for s, t in zip(sources, targets)]
+        store = self._entries["canvas_latent"]
+        missing = list(dict.fromkeys((k, (Path(s), Path(t))) for k, s, t in zip(keys, sources, targets)
+                                     if k not in store))
+        if missing:
+            self._fill("canvas_latent", missing, progress)
+        return torch.stack([store[k] for k in keys]).float()
+
     @torch.no_grad()
-    def _fill(self, kind: str, missing: list[tuple[str, Path]], progress: bool) -> None:
+    def _fill(self, kind: str, missing: list, progress: bool) -> None:
         encode = self._encoder_fn(kind)
         bar = tqdm(total=len(missing), desc=f"caching {kind}", disable=not progress, leave=False)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            images = torch.stack([load_image(p, self.image_size) for _, p in chunk])
+            if kind == "canvas_latent":
+                images = torch.stack([torch.cat([load_image(s, self.image_size), load_image(t, self.image_size)], -1)
+                                      for _, (s, t) in chunk])
+            else:
+                images = torch.stack([load_image(p, self.image_size) for _, p in chunk])
             out = encode(images).float().cpu()
             new = {k: out[i].contiguous() for i, (k, _) in enumerate(chunk)}
             shard = self.folder / f"{kind}-{hashlib.sha256(''.join(sorted(new)).encode()).hexdigest()[:16]}.safetensors"
@@ -165,7 +183,7 @@ class EncoderCache:
             return lambda x: enc.clip(x.to(device))
         if kind == "dino":
             return lambda x: enc.dino(x.to(device))
-        if kind == "latent":
+        if kind in ("latent", "canvas_latent"):
             return lambda x: enc.vae.encode(x.to(device, dtype))
         return lambda x: enc.vae.encode(masked_canvas(x).to(device, dtype))
 

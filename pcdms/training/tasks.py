@@ -11,7 +11,8 @@ and one process compute the same step.
   cosine schedule, 1000 steps; conditions (source embedding, source pose,
   target pose) dropped jointly to the model's ``null_condition``.
 - inpaint (Eq. 5): MSE on the preset's prediction target (epsilon for the paper
-  preset, v for the toy one) over the whole [source | target] canvas latent;
+  preset, v for the toy one) over the whole [source | target] canvas latent
+  (joint or per image, ``Preset.canvas_latents``);
   DINOv2 tokens and global embedding dropped jointly; the global embedding is
   the *target's* CLIP embedding (as the release trains it; stage 1 predicts it
   at sampling time).
@@ -168,21 +169,26 @@ class InpaintTask(_DiffusionTask):
         self.sample_shape = (preset.latent_channels, h, 2 * w)
         self.image_size, self.f = preset.image_size, preset.vae_scale_factor
         src, tgt = [p.source for p in pairs], [p.target for p in pairs]
-        self.source_latent = cache.get("latent", src, progress)
-        self.target_latent = cache.get("latent", tgt, progress)
+        self.joint = preset.canvas_latents == "joint"
+        if self.joint:  # the exact clean canvas latent of each pair (the release's target)
+            self.canvas_latent = cache.get_pairs(src, tgt, progress)
+        else:
+            self.source_latent = cache.get("latent", src, progress)
+            self.target_latent = cache.get("latent", tgt, progress)
         self.masked_latent = cache.get("masked_latent", src, progress)
         self.dino = cache.get("dino", src, progress)
         self.target_clip = cache.get("clip", tgt, progress)
         self.keypoints = [p.keypoints() for p in pairs]
 
     def __len__(self) -> int:
-        return len(self.source_latent)
+        return len(self.masked_latent)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         kps = [self.keypoints[i] for i in idx.tolist()]
         poses = pose_canvas(np.stack([k[0] for k in kps]), np.stack([k[1] for k in kps]), self.image_size)
-        # [latent(source) | latent(target)] stands for latent([source | target]); see cache.canvas_seam_error.
-        x0 = torch.cat([self.source_latent[idx], self.target_latent[idx]], dim=-1)
+        # Preset.canvas_latents: the joint canvas latent, or two single-image latents side by side.
+        x0 = (self.canvas_latent[idx] if self.joint
+              else torch.cat([self.source_latent[idx], self.target_latent[idx]], dim=-1))
         return {"x0": x0, "masked_latent": self.masked_latent[idx], "pose_canvas": poses,
                 "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
                 "global": self.target_clip[idx]}

@@ -40,6 +40,11 @@ class BotConfig:
     padding: int = 10
     erase_prob: float = 0.5
     synthetic_share: float | None = None  # share of every batch that is synthetic; None pools all images
+    # Pooled real + synthetic: "all" = an epoch passes over every image once (longer epochs, more
+    # optimizer steps than the standard run); "real" = an epoch has as many batches as the real
+    # subset alone gives, so an augmented run makes the standard run's optimizer steps and drops
+    # its lr at the same steps: a gain is then not just longer training.
+    epoch_steps: str = "all"
     seed: int = 0
     amp: bool = True  # CUDA only: bfloat16 autocast (float16 + loss scaling where bf16 is missing)
     channels_last: bool = True  # CUDA only
@@ -72,6 +77,8 @@ class BotConfig:
         for name in ("flip_prob", "erase_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.epoch_steps not in ("all", "real"):
+            raise ValueError(f"epoch_steps must be 'all' or 'real', got {self.epoch_steps!r}")
         if self.synthetic_share is not None:
             p = self.batch_size // self.num_instances
             n_syn = round(self.synthetic_share * p)

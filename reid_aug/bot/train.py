@@ -14,7 +14,9 @@ Real and synthetic images: synthetic images keep their source identity and get
 the same class label as the real images of that pid. ``synthetic_share=None``
 pools them with the real images in one P x K sampler; ``synthetic_share=s``
 builds every batch from ``round(s * P)`` synthetic identities (K images each)
-and the rest real, with the real images setting the epoch length.
+and the rest real, with the real images setting the epoch length. Pooled with
+``epoch_steps="real"``, an epoch stops after as many batches as the real subset
+alone gives, so augmented and standard runs make the same optimizer steps.
 
 Resuming: ``out_dir/checkpoint.pt`` is rewritten (atomically) after every epoch.
 Everything random inside an epoch (batches, augmentation) derives from
@@ -236,9 +238,13 @@ def train_bot(
             images = images.to(device)
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
+        real_only = None  # epoch_steps "real": the real subset's own epoch length caps a pooled epoch
         if cfg.synthetic_share is None:
             sampler = RandomIdentitySampler(labels.tolist(), cfg.batch_size, cfg.num_instances, cfg.seed, rank, world)
             syn_sampler = None
+            if synthetic and cfg.epoch_steps == "real":
+                real_only = RandomIdentitySampler(labels[: len(real)].tolist(), cfg.batch_size, cfg.num_instances,
+                                                  cfg.seed, rank, world)
         else:
             p_syn = round(cfg.synthetic_share * cfg.num_pids_per_batch)
             k = cfg.num_instances
@@ -286,6 +292,8 @@ def train_bot(
             sampler.set_epoch(epoch)
             if syn_sampler is None:
                 batches = list(sampler)
+                if real_only is not None:
+                    batches = batches[: len(real_only.global_batches(epoch))]
             else:
                 syn_sampler.set_epoch(epoch)
                 batches = mixed_epoch_batches(sampler, syn_sampler, epoch, synthetic_offset=len(real))
