@@ -56,7 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the table and settings")
-    ap.add_argument("--grid", type=Path, default=None, help="PNG: source | target skeleton | coarse | final | real")
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="PNG, first 8 pairs: source | target skeleton | coarse | final | real target (of 'full', "
+                         "else the most complete variant run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     pipe = PCDMsPipeline.from_pretrained(args.generator)
     h, w = pipe.preset.image_size
     outputs = {v: [] for v in VARIANTS}
-    coarse_full = []
+    coarse_by: dict[str, list] = {}
     t0 = time.time()
     for start in range(0, len(pairs), args.batch_size):
         chunk = pairs[start:start + args.batch_size]
@@ -89,8 +91,7 @@ def main(argv=None) -> int:
             res = pipe(src, kp_s, kp_t, num_inference_steps=args.steps, guidance_scale=args.guidance,
                        generator=gens, stages=stages, scheduler=args.scheduler, output_type="pil")
             outputs[stages] += res.images
-            if stages == "full":
-                coarse_full += res.coarse_images
+            coarse_by[stages] = coarse_by.get(stages, []) + list(res.coarse_images)
         for a, b in chunk:
             outputs["copy-source"].append(Image.open(path(a)).convert("RGB"))
             target, source = shots[b], shots[a]
@@ -118,15 +119,17 @@ def main(argv=None) -> int:
     print(json.dumps(settings))
     if args.out:
         args.out.write_text(json.dumps({"settings": settings, "rows": rows, "table": table}, indent=2) + "\n")
-    if args.grid and coarse_full:
+    shown = next((v for v in ("full", "B3", "B2", "B1") if outputs[v]), None)
+    if args.grid and shown:
         from pcdms.pose import draw_skeleton
 
+        coarse_full, final = coarse_by[shown], outputs[shown]
         n = min(8, len(pairs))
         grid = Image.new("RGB", (5 * w, n * h), "white")
         for i in range(n):
             a, b = pairs[i]
             tiles = [Image.open(path(a)).convert("RGB"), draw_skeleton(poses[b], (h, w), (h, w)),
-                     coarse_full[i], outputs["full"][i], targets[i]]
+                     coarse_full[i], final[i], targets[i]]
             for j, tile in enumerate(tiles):
                 grid.paste(tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(tile), (j * w, i * h))
         grid.save(args.grid)

@@ -409,3 +409,43 @@ def test_cli_fraction_subset_file_and_errors(tmp_path, market, dataset):
     res = runner.invoke(main, ["synthesize", "--data", str(market), "--fraction", "0.2", "--out", str(tmp_path / "p"),
                                "--allow-random-weights"])
     assert res.exit_code == 1 and "WARNING" in res.stderr and "--pipeline DIR" in res.output
+
+
+def test_nested_fractions_reuse_images_instead_of_generating_them(tmp_path, dataset, tiny_pipeline, monkeypatch):
+    """With target poses from the train pool, a source's image is the same at every fraction: reuse it."""
+    torch.set_num_threads(1)
+    import reid_aug.synthesis as synthesis
+
+    small, large = make_subset(dataset.train, 0.2, seed=0), make_subset(dataset.train, 0.4, seed=0)
+    assert {r.name for r in small} < {r.name for r in large}
+    cfg = _pcdms_cfg(tiny_pipeline, batch_size=8, pose_pool="train")
+    a = synthesize(cfg, dataset, small, tmp_path / "a", progress=False)
+    made: list[str] = []
+    real = synthesis._pcdms_generate
+    monkeypatch.setattr(synthesis, "_pcdms_generate",
+                        lambda items, todo, *args: (made.extend(todo), real(items, todo, *args)))
+    b = synthesize(cfg, dataset, large, tmp_path / "b", progress=False, reuse_from=[a, tmp_path / "missing"])
+    assert sorted(made) == sorted(set(_hashes(b)) - set(_hashes(a)))  # only the new sources were generated
+    assert all(_hashes(b)[name] == digest for name, digest in _hashes(a).items())  # the very same files
+    reference = synthesize(cfg, dataset, large, tmp_path / "c", progress=False)
+    assert set(_hashes(b)) == set(_hashes(reference))
+    for name in _hashes(b):  # equal up to the float rounding of another batch composition (see above)
+        with Image.open(b / name) as x, Image.open(reference / name) as y:
+            diff = np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16))
+            assert diff.max() <= 8 and diff.mean() < 0.1
+    assert json.loads((b / "manifest.json").read_text())["counts"]["reused"] == len(_hashes(a))
+    # Another config (here: steps) never reuses.
+    made.clear()
+    other = dataclasses.replace(cfg, num_inference_steps=1)
+    synthesize(other, dataset, small, tmp_path / "d", progress=False, reuse_from=[a])
+    assert len(made) == len(small)
+
+
+def test_builtin_generator_names():
+    from reid_aug.generators import BUILTIN, resolve_pipeline
+
+    assert resolve_pipeline("builtin:toy") == BUILTIN["toy"]
+    assert SynthesisConfig(pipeline="builtin:toy").pipeline == BUILTIN["toy"]
+    assert resolve_pipeline("some/dir") == Path("some/dir") and resolve_pipeline(None) is None
+    with pytest.raises(ValueError, match="unknown builtin generator 'builtin:nope'"):
+        resolve_pipeline("builtin:nope")

@@ -74,9 +74,10 @@ def demo_cmd(out: Path, ids: int, config_path: Path | None, fractions: str | Non
     """The whole toolkit end to end on the built-in toy Market, then the report.
 
     Renders the toy dataset (seed 0) unless OUT/toy-market already holds it, then runs the
-    sweep of the built-in demo config: rows 'standard' and 'toy-oracle' (the toy renderer
-    re-drawing each subset identity in new poses, an upper bound that exercises the
-    augmented path; it is not PCDMs, whose stages need trained weights).
+    sweep of the built-in demo config: rows 'standard' (real subset only) and 'pcdms' (the
+    subset plus one image per real image drawn by the shipped toy PCDMs generator,
+    builtin:toy, trained with train-pcdms on a toy Market of another seed; its CLIP and
+    DINOv2 are random frozen stand-ins, so it is a toy, not the paper's model).
     """
     toy = out / "toy-market"
     manifest = read_toy_manifest(toy)
