@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the table and settings")
     ap.add_argument("--grid", type=Path, default=None,
-                    help="PNG, first 8 pairs: source | target skeleton | coarse | final | real target (of 'full', "
-                         "else the most complete variant run)")
+                    help="PNG, one pair of each of 8 people: source | target skeleton | coarse | final | real target "
+                         "(of 'full', else the most complete variant run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                                                              for k, v in manifest["config"].items()}), toy_seed)}
     poses = read_annotation_csv(args.data / "market-annotation-test.csv")
     pairs = [(a, b) for a, b in read_pairs_csv(args.data / "market-pairs-test.csv") if a in poses and b in poses]
-    pairs = pairs[:args.pairs]
+    # Evenly spaced over the file (it is sorted by person), so every test identity is represented.
+    pairs = [pairs[i] for i in np.linspace(0, len(pairs) - 1, min(args.pairs, len(pairs))).round().astype(int)]
     folders = {s.name: s.folder for s in shots.values()}
     path = lambda n: args.data / folders[n] / n  # noqa: E731
 
@@ -124,14 +125,18 @@ def main(argv=None) -> int:
         from pcdms.pose import draw_skeleton
 
         coarse_full, final = coarse_by[shown], outputs[shown]
-        n = min(8, len(pairs))
-        grid = Image.new("RGB", (5 * w, n * h), "white")
-        for i in range(n):
+        rows, seen = [], set()  # the first pair of each of the first 8 source people
+        for i, (a, _) in enumerate(pairs):
+            if shots[a].pid not in seen and len(rows) < 8:
+                seen.add(shots[a].pid)
+                rows.append(i)
+        grid = Image.new("RGB", (5 * w, len(rows) * h), "white")
+        for r, i in enumerate(rows):
             a, b = pairs[i]
             tiles = [Image.open(path(a)).convert("RGB"), draw_skeleton(poses[b], (h, w), (h, w)),
                      coarse_full[i], final[i], targets[i]]
             for j, tile in enumerate(tiles):
-                grid.paste(tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(tile), (j * w, i * h))
+                grid.paste(tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(tile), (j * w, r * h))
         grid.save(args.grid)
     return 0
 

@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pcdms.io import atomic_path, sha256_file, sha256_folder, write_text_atomic
+from pcdms.io import atomic_path, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import IMAGE_SUFFIXES, DatasetError, ImageRecord, ReidDataset, parse_market_name
 from reid_aug.data.subset import write_subset_csv
@@ -659,6 +659,10 @@ def synthesize(
             extra["WARNING"] = RANDOM_WEIGHTS_WARNING
         if cfg.generator == "toy-oracle":
             extra["note"] = TOY_ORACLE_NOTE
+        if cfg.generator == "pcdms" and cfg.pipeline is not None and (cfg.pipeline / "model_index.json").is_file():
+            stand_in = read_json_object(cfg.pipeline / "model_index.json").get("stand_in")
+            if stand_in:  # e.g. the toy generator: say so wherever its images go
+                extra["stand_in_encoders"] = stand_in
         write_manifest(out, STEP, config=config, seed=cfg.seed, sources=sources, checkpoints=checkpoints,
                        extra=extra)
 

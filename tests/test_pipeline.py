@@ -14,6 +14,7 @@ from pcdms.pipeline import (
     PCDMsPipeline,
     canvas_conditions,
     classifier_free_guidance,
+    latent_schedule_config,
     make_scheduler,
     prior_schedule_config,
 )
@@ -260,3 +261,26 @@ def test_save_and_load_pretrained(pipe, inputs, tmp_path):
     assert torch.equal(_run(loaded, inputs).images, _run(pipe, inputs).images)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         PCDMsPipeline.from_pretrained(tmp_path / "missing", encoders=pipe.encoders)
+
+
+def test_noise_schedule_and_prediction_type_are_preset_properties():
+    """The paper presets keep Sec. 5's SD schedule (epsilon, scaled_linear); the toy preset trains from scratch
+    with v-prediction on a cosine schedule rescaled to zero terminal SNR, and the pipeline samples with it."""
+    from diffusers import DDPMScheduler
+
+    from pcdms.presets import get_preset
+
+    paper = latent_schedule_config(get_preset("paper"))
+    assert paper == latent_schedule_config() and paper["prediction_type"] == "epsilon"
+    assert paper["beta_schedule"] == "scaled_linear" and "rescale_betas_zero_snr" not in paper
+    toy = latent_schedule_config(get_preset("toy"))
+    assert toy["prediction_type"] == "v_prediction" and toy["beta_schedule"] == "squaredcos_cap_v2"
+    assert toy["rescale_betas_zero_snr"] and toy["timestep_spacing"] == "trailing"
+    assert float(DDPMScheduler.from_config(toy).alphas_cumprod[-1]) == 0.0  # pure noise at t = 999
+    for name in ("ddim", "dpmsolver++", "unipc", "euler"):
+        sampler = make_scheduler(name, toy)
+        sampler.set_timesteps(10)
+        assert int(sampler.timesteps[0]) == 999 and sampler.config.prediction_type == "v_prediction"
+    tiny = get_preset("tiny")
+    pipe = PCDMsPipeline(None, build_model("inpaint", tiny), None, build_encoders(tiny, allow_random=True), tiny)
+    assert pipe.latent_schedule == latent_schedule_config(tiny)

@@ -278,6 +278,12 @@ def train(
                     on_checkpoint(_export_weights(model, ema), step)
             barrier()
     bar.close()
+    if steps_done == 0 and rank == 0:
+        # Resumed at (or past) max_steps, e.g. to end a run early at a checkpoint: that checkpoint is
+        # final; the log loses rows a killed run wrote after it, and the weights are exported.
+        _write_log(run_dir, log_rows)
+        if on_checkpoint is not None:
+            on_checkpoint(_export_weights(model, ema), step)
     if ema is not None:
         ema.copy_to(params)
     return model

@@ -203,3 +203,23 @@ def make_coarse_cmd(data_root, gen_dir, out, subset, subset_seed, pairs_csv, pos
     except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{folder}: coarse images of {len(pairs):,} pairs")
+
+
+@main.command("export-generator")
+@click.argument("gen_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to write (replaced if it exists).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True,
+              help="Storage dtype of the networks (loading casts them back to float32 by default).")
+def export_generator_cmd(gen_dir: Path, out: Path, dtype: str) -> None:
+    """Copy the loadable part of generator folder GEN_DIR to OUT: stages, encoders, schedules, training manifests
+    and logs; no checkpoints, cache or coarse images. OUT loads with synthesize --pipeline OUT."""
+    from pcdms.io import sha256_folder
+    from pcdms.training.run import export_generator
+
+    try:
+        folder = export_generator(gen_dir, out, dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    click.echo(f"{folder}: {size / 2**20:.1f} MiB, sha256 {sha256_folder(folder)[:16]}")
