@@ -406,9 +406,10 @@ def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, p
                     bar) -> None:
     """Make the ``todo`` images of the plan ``items``.
 
-    Batches are fixed slices of the whole plan, not of what is left: a resumed job runs the
-    same batches as an uninterrupted one (re-running the few done images of a half-written
-    batch, writing only the missing ones), so its images are bit-identical on the same device.
+    Batches are fixed slices of ``items`` (the plan less what is reused from other folders), not of
+    what is left: a resumed job runs the same batches as an uninterrupted one (re-running the few
+    done images of a half-written batch, writing only the missing ones), so its images are
+    bit-identical on the same device.
     """
     size = tuple(pipe.preset.image_size)
     for start in range(0, len(items), cfg.batch_size):
@@ -501,14 +502,12 @@ def _plan_row(it: SynthesisItem) -> tuple:
     return (it.source.name, str(it.k), str(it.seed), it.target or "", json.dumps([list(p) for p in it.target_keypoints]))
 
 
-def _reuse(todo: Sequence[SynthesisItem], out: Path, folders: Sequence[str | Path], config: Mapping[str, Any],
-           checkpoints: Mapping[str, str]) -> set[str]:
-    """Link into ``out`` the images of ``todo`` that a complete folder of the same job already made."""
-    import os
-    import shutil
-
-    wanted = {it.name: _plan_row(it) for it in todo}
-    done: set[str] = set()
+def _reusable(items: Sequence[SynthesisItem], out: Path, folders: Sequence[str | Path], config: Mapping[str, Any],
+              checkpoints: Mapping[str, str]) -> dict[str, Path]:
+    """Planned images that a complete folder of the same job (same config, pipeline weights and plan row)
+    already holds: name -> that file."""
+    wanted = {it.name: _plan_row(it) for it in items}
+    found: dict[str, Path] = {}
     for folder in map(Path, folders):
         if folder.absolute() == out or not (folder / SYNTHESIS_CSV).is_file():
             continue
@@ -525,16 +524,21 @@ def _reuse(todo: Sequence[SynthesisItem], out: Path, folders: Sequence[str | Pat
             rows = {r["name"]: (r["source"], r["k"], r["seed"], r["target"], r["target_keypoints"])
                     for r in csv.DictReader(f)}
         for name, row in wanted.items():
-            if name in done or rows.get(name) != row or not (folder / name).is_file():
-                continue
-            with atomic_path(out / name) as tmp:
-                tmp.unlink()
-                try:
-                    os.link(folder / name, tmp)
-                except OSError:
-                    shutil.copyfile(folder / name, tmp)
-            done.add(name)
-    return done
+            if name not in found and rows.get(name) == row and (folder / name).is_file():
+                found[name] = folder / name
+    return found
+
+
+def _link(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
@@ -666,13 +670,17 @@ def synthesize(
         write_manifest(out, STEP, config=config, seed=cfg.seed, sources=sources, checkpoints=checkpoints,
                        extra=extra)
 
-    if todo and reuse_from:
-        reused = _reuse(todo, out, reuse_from, config, checkpoints)
-        counts["reused"] = counts.get("reused", 0) + len(reused)
-        todo = [it for it in todo if it.name not in reused]
+    # Reuse is decided over the whole plan (not just what is missing), so a resumed job forms the
+    # same generation batches as an uninterrupted one.
+    reusable = _reusable(items, out, reuse_from, config, checkpoints) if reuse_from else {}
+    if reusable:
+        linked = [it for it in todo if it.name in reusable]
+        for it in linked:
+            _link(reusable[it.name], out / it.name)
+        counts["reused"] = len(reusable)
+        todo = [it for it in todo if it.name not in reusable]
         counts["generated_this_run"] = len(todo)
-        if reused:
-            say(f"{out}: {len(reused)} images reused from other folders of the same job")
+        say(f"{out}: {len(reusable)} images reused from other folders of the same job")
     if todo:
         say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)")
         manifest(complete=False)  # marks the folder as this job's before the first image lands
@@ -681,7 +689,8 @@ def synthesize(
             if cfg.generator == "toy-oracle":
                 _toy_generate(todo, out, toy_seed, image_size, bar)
             else:
-                _pcdms_generate(items, {it.name for it in todo}, out, pipe, cfg, bar)
+                _pcdms_generate([it for it in items if it.name not in reusable], {it.name for it in todo}, out, pipe,
+                                cfg, bar)
 
     # 4. Tables and manifest from the full plan.
     missing = planned - _image_names(out)
