@@ -353,6 +353,15 @@ def check_pcdms_weights(cfg: SynthesisConfig) -> Path:
     message = _missing_weights_message(cfg)
     if message:
         raise WeightsNotFoundError(message)
+    from pcdms.pipeline import STAGES
+
+    have = set(read_json_object(folder / "model_index.json").get("stages", []))
+    use_prior, use_refine = STAGES[cfg.stages]
+    lacking = [name for name, used in (("prior", use_prior), ("refine", use_refine)) if used and name not in have]
+    if lacking:
+        usable = [k for k, (p, r) in STAGES.items() if (not p or "prior" in have) and (not r or "refine" in have)]
+        raise SynthesisError(f"{folder}: stages {cfg.stages!r} need the {' and '.join(lacking)} stage, which this "
+                             f"pipeline lacks (it has {sorted(have)}); use --stages one of {usable}")
     return folder
 
 

@@ -225,6 +225,8 @@ def train(
         if ema is not None:
             ema.load_state_dict(extra["ema"])
         step = int(state["step"])
+        if rank == 0 and progress:
+            tqdm.write(f"resuming from step {step} ({path})")
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     n = len(task)

@@ -68,8 +68,15 @@ def load_generator_encoders(gen_dir, preset, clip_path=None, dino_path=None, vae
     ``clip/``, ``dino/``, ``vae/``; a missing one is a :class:`pcdms.encoders.WeightsNotFoundError`."""
     from pcdms.encoders import build_encoders
 
+    from pcdms.encoders import WeightsNotFoundError
+
     gen_dir = Path(gen_dir)
     own = {k: gen_dir / v for k, v in ENCODER_FOLDERS.items()}
+    for name, given, flag, hint in (("vae", vae_path, "--vae", "train it with --stage vae (toy preset)"),
+                                    ("clip", clip_path, "--clip-checkpoint", "or --stand-in-encoders SEED"),
+                                    ("dino", dino_path, "--dino", "or --stand-in-encoders SEED")):
+        if given is None and not own[name].is_dir():
+            raise WeightsNotFoundError(f"{own[name]} not found and no {flag} given: pass {flag} ({hint})")
     paths = {"clip": clip_path or (own["clip"] if own["clip"].is_dir() else None),
              "dino": dino_path or (own["dino"] if own["dino"].is_dir() else None),
              "vae": vae_path or (own["vae"] if own["vae"].is_dir() else None)}
@@ -137,7 +144,7 @@ def _device(device) -> torch.device:
 
 def train_vae(
     images: Sequence[Path], gen_dir: str | os.PathLike, preset, cfg, loss, *, heldout: Sequence[Path] = (),
-    resume=None, device=None, progress: bool = True,
+    resume=None, device=None, progress: bool = True, overwrite: bool = False,
 ) -> dict:
     """Train the preset's stand-in VAE (diffusers ``AutoencoderKL``) on ``images`` into ``gen_dir/vae``.
 
@@ -163,6 +170,11 @@ def train_vae(
     identity = {"stage": "vae", "preset": preset.name, "model_config": dict(vae_config),
                 "data_sha256": hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()}
     wrapper = VaeForward(vae)
+    if overwrite and run_dir.exists() and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        import shutil
+
+        shutil.rmtree(run_dir)
+    barrier()
     train(wrapper, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress)
     barrier()
     vae = wrapper.vae.eval()
@@ -254,7 +266,7 @@ def train_diffusion_stage(
     stage: str, pairs: Sequence[TrainingPair], gen_dir: str | os.PathLike, preset, cfg, loss, *,
     init=None, embed_stats: str = "train", clip_path=None, dino_path=None, vae_path=None,
     stand_in_seed: int | None = None, coarse_dir=None, resume=None, device=None, progress: bool = True,
-    sources: dict | None = None,
+    sources: dict | None = None, overwrite: bool = False,
 ) -> dict:
     """Train ``stage`` ("prior" | "inpaint" | "refine") on ``pairs`` into ``gen_dir/<stage>``.
 
@@ -276,6 +288,8 @@ def train_diffusion_stage(
     gen_dir, dev = Path(gen_dir), _device(device)
     run_dir = gen_dir / "train" / stage
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if vae_path is None and not (gen_dir / "vae").is_dir():
+        load_generator_encoders(gen_dir, preset, clip_path, dino_path, vae_path)  # raises, naming what is missing
     if stand_in_seed is not None and rank == 0:
         make_stand_in_encoders(gen_dir, preset, stand_in_seed)
     barrier()
@@ -295,6 +309,11 @@ def train_diffusion_stage(
     barrier()
     if rank != 0:
         cache, task = build_task()
+    if overwrite and rank == 0 and run_dir.exists():  # only now: every input has been checked
+        import shutil
+
+        shutil.rmtree(run_dir)
+    barrier()
     model, init_report = _init_model(stage, preset, init, embed_stats, task, cfg.seed)
     identity = {"stage": stage, "preset": preset.name, "model_config": dataclasses.asdict(model.config),
                 "data_sha256": pairs_sha256(pairs, [c.name for c in coarse] if coarse else ()),
@@ -387,13 +406,18 @@ def make_coarse(
     return out
 
 
+EXPORT_MARKER = "export.json"
+
+
 def export_generator(gen_dir: str | os.PathLike, out: str | os.PathLike, dtype: str = "float16",
-                     notes: dict | None = None) -> Path:
+                     notes: dict | None = None, allow_incomplete: bool = False) -> Path:
     """Copy the loadable part of a generator folder to ``out`` (no checkpoints, cache or coarse images):
     stage networks cast to ``dtype`` (storage only: ``PCDMsPipeline.from_pretrained`` loads them as
     float32 by default), encoders, schedulers, ``model_index.json``, and each stage's training
     manifest and log under ``training/``. ``notes`` is written as ``training/notes.json``.
-    Raises ``FileNotFoundError`` when ``gen_dir`` has no ``model_index.json``.
+    Raises ``FileNotFoundError`` when ``gen_dir`` has no ``model_index.json``, ``ValueError`` when
+    ``out`` is or contains ``gen_dir``, is a non-empty folder other than an earlier export, or a
+    stage's run did not finish (unless ``allow_incomplete``). ``out/export.json`` records the source.
     """
     import shutil
 
@@ -402,7 +426,18 @@ def export_generator(gen_dir: str | os.PathLike, out: str | os.PathLike, dtype: 
     gen_dir, out = Path(gen_dir), Path(out)
     if not (gen_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{gen_dir}: no model_index.json (train the inpaint stage first)")
+    src, dst = gen_dir.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ValueError(f"--out {out} is, holds or lies inside the generator folder {gen_dir}; choose another folder")
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(f"{out} is not empty and not an earlier export (no {EXPORT_MARKER}); choose a new folder")
     index = read_json_object(gen_dir / "model_index.json")
+    unfinished = [s for s in index["stages"]
+                  if (gen_dir / "train" / s / "manifest.json").is_file()
+                  and not read_json_object(gen_dir / "train" / s / "manifest.json").get("complete", True)]
+    if unfinished and not allow_incomplete:
+        raise ValueError(f"{gen_dir}: stage(s) {unfinished} did not finish their run (manifest complete: false); "
+                         "finish them with --resume, or export anyway with allow_incomplete")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -429,4 +464,7 @@ def export_generator(gen_dir: str | os.PathLike, out: str | os.PathLike, dtype: 
                 shutil.copyfile(src, out / "training" / f"{stage}-{name}")
     if notes:
         write_json_atomic(out / "training" / "notes.json", notes)
+    write_json_atomic(out / EXPORT_MARKER, {"step": "export-generator", "source": str(gen_dir.resolve()),
+                                            "dtype": dtype, "stages": index["stages"],
+                                            "incomplete_stages": unfinished})
     return out

@@ -67,6 +67,7 @@ def _subset_records(dataset: ReidDataset, subset: str | None, fraction: float | 
 @click.option("--steps", type=int, default=None, help="Sampler steps per stage (default 50).")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default 2.0).")
 @click.option("--scheduler", default=None, help="ddim (default) | dpmsolver++ | unipc | euler.")
+@click.option("--stages", default=None, help="full (default) | B1 (inpaint) | B2 (prior+inpaint) | B3 (inpaint+refine).")
 @click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default 16).")
 @click.option("--seed", type=int, default=None, help="Seed of pose draws and noise (default 0).")
 @click.option("--allow-random-weights", is_flag=True, default=None,
@@ -77,7 +78,7 @@ def _subset_records(dataset: ReidDataset, subset: str | None, fraction: float | 
 @click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
 def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, subset_seed: int, out: Path,
                    config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
-                   vae_path, per_image, steps, guidance, scheduler, batch_size, seed, allow_random_weights,
+                   vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
                    device, dtype, overwrite: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
 
@@ -92,7 +93,7 @@ def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, 
     overrides = {
         "generator": generator, "pose_pool": pose_pool, "pipeline": pipeline, "clip_checkpoint": clip_checkpoint,
         "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
-        "guidance_scale": guidance, "scheduler": scheduler, "batch_size": batch_size, "seed": seed,
+        "guidance_scale": guidance, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
     }
     cfg = load_config(SynthesisConfig, config_path, overrides)

@@ -104,8 +104,6 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
     OUT/model_index.json         once inpaint exists: OUT loads as a PCDMs pipeline
     Multi-GPU / multi-process: torchrun --nproc_per_node N $(which reid-aug) train-pcdms ...
     """
-    import shutil
-
     from pcdms.presets import get_preset
     from pcdms.training.loop import ResumeError, TrainConfig, checkpoint_dirs, init_distributed
     from pcdms.training.tasks import LossConfig
@@ -121,12 +119,10 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
         raise click.UsageError(str(exc)) from None
     rank, world = init_distributed()
     run_dir = gen_dir / "train" / stage
-    if resume is None and checkpoint_dirs(run_dir):
-        if not overwrite:
-            raise click.ClickException(f"{run_dir}: holds checkpoints of an earlier run; --resume to continue it "
-                                       "or --overwrite to start over")
-        if rank == 0:
-            shutil.rmtree(run_dir)
+    if resume is None and checkpoint_dirs(run_dir) and not overwrite:
+        raise click.ClickException(f"{run_dir}: holds checkpoints of an earlier run; --resume to continue it "
+                                   "or --overwrite to start over (the old run is removed once every input checks out)")
+    overwrite = overwrite and resume is None
     try:
         dataset = read_reid_dataset(data_root)
         records, what = _training_records(dataset, subset, subset_seed)
@@ -139,7 +135,8 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
             if rank == 0:
                 click.echo(f"vae: {len(images):,} training images ({what}); PSNR on {min(len(heldout), 256)} "
                            "query images (unseen people)")
-            metrics = train_vae(images, gen_dir, p, cfg, loss, heldout=heldout, resume=resume, device=device)
+            metrics = train_vae(images, gen_dir, p, cfg, loss, heldout=heldout, resume=resume, device=device,
+                                overwrite=overwrite)
             if rank == 0:
                 click.echo(f"{gen_dir / 'vae'}: PSNR {metrics['psnr_train']:.2f} dB train, "
                            f"{metrics['psnr_heldout']:.2f} dB held-out; scaling_factor "
@@ -151,12 +148,14 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
         if not pairs:
             raise click.ClickException(f"{data_root}: no training pairs ({what}; {counts})")
         if rank == 0:
-            click.echo(f"{stage}: {len(pairs):,} pairs from {what} ({counts})")
+            click.echo(f"{stage}: {len(pairs):,} pairs from {what} (" + ", ".join(f"{k} {v:,}" if isinstance(v, int)
+                                                                           else f"{k} {v}" for k, v in counts.items())
+                       + ")")
         result = train_diffusion_stage(
             stage, pairs, gen_dir, p, cfg, loss, init=init_path, embed_stats=embed_stats,
             clip_path=clip_checkpoint, dino_path=dino_path, vae_path=vae_path, stand_in_seed=stand_in_encoders,
-            coarse_dir=coarse_dir, resume=resume, device=device, sources={"data": str(dataset.root),
-                                                                          "records": what, "poses": str(poses_csv)})
+            coarse_dir=coarse_dir, resume=resume, device=device, overwrite=overwrite,
+            sources={"data": str(dataset.root), "records": what, "poses": str(poses_csv)})
         if rank == 0:
             click.echo(f"{result['output']}: {stage} trained to step {result['step']} (final loss "
                        f"{result['final_loss']})")
@@ -211,14 +210,15 @@ def make_coarse_cmd(data_root, gen_dir, out, subset, subset_seed, pairs_csv, pos
               help="Folder to write (replaced if it exists).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16", show_default=True,
               help="Storage dtype of the networks (loading casts them back to float32 by default).")
-def export_generator_cmd(gen_dir: Path, out: Path, dtype: str) -> None:
+@click.option("--allow-incomplete", is_flag=True, help="Export even if a stage's training run did not finish.")
+def export_generator_cmd(gen_dir: Path, out: Path, dtype: str, allow_incomplete: bool) -> None:
     """Copy the loadable part of generator folder GEN_DIR to OUT: stages, encoders, schedules, training manifests
     and logs; no checkpoints, cache or coarse images. OUT loads with synthesize --pipeline OUT."""
     from pcdms.io import sha256_folder
     from pcdms.training.run import export_generator
 
     try:
-        folder = export_generator(gen_dir, out, dtype)
+        folder = export_generator(gen_dir, out, dtype, allow_incomplete=allow_incomplete)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
