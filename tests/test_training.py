@@ -627,3 +627,22 @@ def test_per_image_canvas_latents_follow_the_preset(tmp_path, pairs4, encoders):
         want = torch.cat([encoders.vae.encode(src), encoders.vae.encode(tgt)], dim=-1)
     assert torch.allclose(task.batch(torch.arange(4))["x0"], want, atol=1e-5, rtol=0)
     assert not list((tmp_path / "cache").glob("canvas_latent-*"))
+
+
+def test_export_generator_never_deletes_its_source_or_a_foreign_folder(tmp_path):
+    from pcdms.training.run import export_generator
+
+    gen = tmp_path / "sandbox" / "gen"
+    gen.mkdir(parents=True)
+    (gen / "model_index.json").write_text('{"preset": "tiny", "stages": ["inpaint"], "encoders": {}}')
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for out in (gen, tmp_path / "sandbox", gen / "inside"):
+        with pytest.raises(ValueError, match="is, holds or lies inside the generator folder"):
+            export_generator(gen, out)
+    with pytest.raises(ValueError, match="not an earlier export"):
+        export_generator(gen, foreign)
+    assert (gen / "model_index.json").is_file() and (foreign / "notes.txt").read_text() == "keep"
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        export_generator(tmp_path / "empty", tmp_path / "out")
