@@ -34,7 +34,7 @@ from PIL import Image
 
 from pcdms.pipeline import PCDMsPipeline
 from pcdms.pose import read_annotation_csv, read_pairs_csv
-from pcdms.training.cache import load_image
+from pcdms.encoders import load_image
 from reid_aug.data.toy import plan_dataset, read_toy_manifest, ToyConfig
 from reid_aug.data.toy_render import figure_mask
 from reid_aug.data.toy import identity_for

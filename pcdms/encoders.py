@@ -73,6 +73,31 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         )
 
 
+def load_image_uint8(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 RGB of an image file, resized (bicubic) to ``size`` = (H, W) if it differs.
+
+    Keypoints are not touched: the community annotation format defines them on the 128x64 frame.
+    Raises ``ValueError`` naming the file when it cannot be read as an image.
+    """
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read image ({exc})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) float in [0, 1]: :func:`load_image_uint8` / 255, the input every encoder here takes."""
+    return load_image_uint8(path, size).float() / 255.0
+
+
 def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     mean_t = images.new_tensor(mean).view(1, 3, 1, 1)
     std_t = images.new_tensor(std).view(1, 3, 1, 1)

@@ -399,16 +399,14 @@ def load_pcdms(cfg: SynthesisConfig):
 
 
 def _load_source(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Source image -> (3, H, W) float in [0, 1], resized to ``size`` = (H, W) if needed."""
+    """Source image -> (3, H, W) float in [0, 1], resized to ``size`` = (H, W) if needed
+    (:func:`pcdms.encoders.load_image`); an unreadable file is a :class:`DatasetError`."""
+    from pcdms.encoders import load_image
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"unreadable source image {path}: {exc}") from None
-    if im.size != (size[1], size[0]):
-        # Keypoints stay as annotated: the community format defines them on the 128x64 frame.
-        im = im.resize((size[1], size[0]), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return load_image(path, size)
+    except ValueError as exc:
+        raise DatasetError(f"unreadable source image {exc}") from None
 
 
 def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, pipe, cfg: SynthesisConfig,

@@ -28,7 +28,8 @@ from pcdms.models.conditions import condition_masks
 from pcdms.pipeline import PCDMsPipeline, masked_canvas
 from pcdms.pose import read_annotation_csv, write_pairs_csv
 from pcdms.presets import get_preset
-from pcdms.training.cache import CacheMismatchError, EncoderCache, load_image
+from pcdms.encoders import load_image
+from pcdms.training.cache import CacheMismatchError, EncoderCache
 from pcdms.training.loop import LOG_NAME, ResumeError, TrainConfig, checkpoint_dirs, train
 from pcdms.training.pairs import TrainingPair, pair_images
 from pcdms.training.run import init_prior_from_kandinsky

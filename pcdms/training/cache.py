@@ -35,12 +35,11 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pcdms.encoders import load_image
 from pcdms.io import atomic_path, read_json_object, sha256_file, write_json_atomic
 from pcdms.pipeline import masked_canvas
 
@@ -62,22 +61,6 @@ def module_sha256(module: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def load_image(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) float in [0, 1] of an RGB image, resized (bicubic) to ``size`` = (H, W) if it differs.
-
-    Raises ``ValueError`` naming the file when it cannot be read as an image.
-    """
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
 
 
 class EncoderCache:

@@ -155,7 +155,7 @@ def train_vae(
     from diffusers import AutoencoderKL
 
     from pcdms.encoders import stand_in_configs
-    from pcdms.training.cache import load_image
+    from pcdms.encoders import load_image
     from pcdms.training.loop import barrier, train
     from pcdms.training.tasks import VaeForward, VaeTask
 
@@ -365,7 +365,7 @@ def make_coarse(
 
     from pcdms.io import atomic_path, sha256_file
     from pcdms.pipeline import PCDMsPipeline
-    from pcdms.training.cache import load_image
+    from pcdms.encoders import load_image
 
     gen_dir, dev = Path(gen_dir), _device(device)
     out = Path(out) if out is not None else gen_dir / "coarse"

@@ -36,7 +36,8 @@ from diffusers import DDPMScheduler
 from pcdms.models.conditions import condition_masks
 from pcdms.pipeline import canvas_mask, latent_schedule_config, pose_canvas, prior_schedule_config
 from pcdms.pose import pose_to_vector
-from pcdms.training.cache import EncoderCache, load_image
+from pcdms.encoders import load_image_uint8
+from pcdms.training.cache import EncoderCache
 from pcdms.training.pairs import TrainingPair
 
 
@@ -236,7 +237,7 @@ class VaeTask:
                  progress: bool = False):
         from tqdm.auto import tqdm
 
-        self.images = torch.stack([(load_image(p, image_size) * 255).round().to(torch.uint8)
+        self.images = torch.stack([load_image_uint8(p, image_size)
                                    for p in tqdm(images, desc="loading images", disable=not progress, leave=False)])
         self.latent_shape = tuple(latent_shape)
         self.loss_cfg = loss
