@@ -349,17 +349,12 @@ class PCDMsPipeline:
         ``model_index.json`` (written last: its presence marks a complete folder). Encoders are not
         saved: they are frozen pretrained weights loaded from their own paths."""
         from pcdms.checkpoint import save_model
-        from pcdms.io import write_json_atomic
 
         folder = Path(folder)
         stages = [name for name in ("prior", "inpaint", "refine") if getattr(self, name) is not None]
         for name in stages:
             save_model(getattr(self, name), folder / name)
-        for sub, schedule in (("prior_scheduler", self.prior_schedule), ("latent_scheduler", self.latent_schedule)):
-            config = dict(DDIMScheduler.from_config(schedule).config)
-            write_json_atomic(folder / sub / "scheduler_config.json", {"_class_name": "DDIMScheduler", **config})
-        write_json_atomic(folder / "model_index.json",
-                          {"_class_name": type(self).__name__, "preset": self.preset.name, "stages": stages})
+        write_pipeline_index(folder, self.preset.name, stages, self.prior_schedule, self.latent_schedule)
         return folder
 
     @staticmethod
@@ -431,6 +426,22 @@ class PCDMsPipeline:
             pred = classifier_free_guidance(model, model_input, t, cond, uncond, scale)
             sample = scheduler.step(pred, t, sample).prev_sample
         return sample
+
+
+def write_pipeline_index(folder: str | Path, preset_name: str, stages: Sequence[str], prior_schedule: dict,
+                         latent_schedule: dict, **extra) -> Path:
+    """Write the two noise schedules (``prior_scheduler/``, ``latent_scheduler/``) and then
+    ``model_index.json`` (``preset``, ``stages`` and ``extra`` entries, e.g. bundled ``encoders``): the
+    index is written last, so its presence marks a complete pipeline folder. Returns its path."""
+    from pcdms.io import write_json_atomic
+
+    folder = Path(folder)
+    for sub, schedule in (("prior_scheduler", prior_schedule), ("latent_scheduler", latent_schedule)):
+        config = dict(DDIMScheduler.from_config(schedule).config)
+        write_json_atomic(folder / sub / "scheduler_config.json", {"_class_name": "DDIMScheduler", **config})
+    index = {"_class_name": PCDMsPipeline.__name__, "preset": preset_name, "stages": list(stages), **extra}
+    write_json_atomic(folder / "model_index.json", index)
+    return folder / "model_index.json"
 
 
 def _per_stage(guidance_scale) -> tuple[float, float, float]:

@@ -83,27 +83,20 @@ def load_generator_encoders(gen_dir, preset, clip_path=None, dino_path=None, vae
     return build_encoders(preset, paths["clip"], paths["dino"], paths["vae"], device=device), paths
 
 
-def write_model_index(gen_dir: str | os.PathLike, preset, encoder_paths: dict | None = None) -> Path | None:
-    """(Re)write ``gen_dir/model_index.json`` and the two scheduler configs for the stages present;
-    None (nothing written) while there is no inpaint stage yet."""
-    from diffusers import DDIMScheduler
-
-    from pcdms.pipeline import latent_schedule_config, prior_schedule_config
+def write_model_index(gen_dir: str | os.PathLike, preset) -> Path | None:
+    """(Re)write ``gen_dir``'s pipeline index and schedules for the stages and encoders present
+    (:func:`pcdms.pipeline.write_pipeline_index`); None (nothing written) while there is no inpaint stage."""
+    from pcdms.pipeline import latent_schedule_config, prior_schedule_config, write_pipeline_index
 
     gen_dir = Path(gen_dir)
     stages = [s for s in ("prior", "inpaint", "refine") if (gen_dir / s / "config.json").is_file()]
     if "inpaint" not in stages:
         return None
-    for sub, schedule in (("prior_scheduler", prior_schedule_config()),
-                          ("latent_scheduler", latent_schedule_config(preset))):
-        config = dict(DDIMScheduler.from_config(schedule).config)
-        write_json_atomic(gen_dir / sub / "scheduler_config.json", {"_class_name": "DDIMScheduler", **config})
-    encoders = {k: v for k, v in ENCODER_FOLDERS.items() if (gen_dir / v).is_dir()}
-    index = {"_class_name": "PCDMsPipeline", "preset": preset.name, "stages": stages, "encoders": encoders}
+    extra = {"encoders": {k: v for k, v in ENCODER_FOLDERS.items() if (gen_dir / v).is_dir()}}
     if (gen_dir / "stand_in.json").is_file():
-        index["stand_in"] = read_json_object(gen_dir / "stand_in.json")
-    write_json_atomic(gen_dir / "model_index.json", index)
-    return gen_dir / "model_index.json"
+        extra["stand_in"] = read_json_object(gen_dir / "stand_in.json")
+    return write_pipeline_index(gen_dir, preset.name, stages, prior_schedule_config(),
+                                latent_schedule_config(preset), **extra)
 
 
 def write_run_manifest(run_dir: Path, **fields) -> None:
