@@ -63,23 +63,33 @@ def make_stand_in_encoders(gen_dir: str | os.PathLike, preset, seed: int) -> Non
     write_json_atomic(note, {"seed": seed, "encoders": ["clip", "dino"], "note": STAND_IN_NOTE})
 
 
-def load_generator_encoders(gen_dir, preset, clip_path=None, dino_path=None, vae_path=None, device="cpu"):
-    """Frozen encoders for training into ``gen_dir``: given paths first, else ``gen_dir``'s own
-    ``clip/``, ``dino/``, ``vae/``; a missing one is a :class:`pcdms.encoders.WeightsNotFoundError`."""
-    from pcdms.encoders import build_encoders
+_ENCODER_FLAGS = {"vae": ("--vae", "train it with --stage vae (toy preset)"),
+                  "clip": ("--clip-checkpoint", "or --stand-in-encoders SEED"),
+                  "dino": ("--dino", "or --stand-in-encoders SEED")}
 
+
+def generator_encoder_paths(gen_dir, clip_path=None, dino_path=None, vae_path=None,
+                            names=("clip", "dino", "vae")) -> dict[str, Path]:
+    """The encoder paths of a training run for ``names``: a given path, else ``gen_dir``'s own folder.
+    Raises :class:`pcdms.encoders.WeightsNotFoundError` naming the option for a missing one."""
     from pcdms.encoders import WeightsNotFoundError
 
-    gen_dir = Path(gen_dir)
-    own = {k: gen_dir / v for k, v in ENCODER_FOLDERS.items()}
-    for name, given, flag, hint in (("vae", vae_path, "--vae", "train it with --stage vae (toy preset)"),
-                                    ("clip", clip_path, "--clip-checkpoint", "or --stand-in-encoders SEED"),
-                                    ("dino", dino_path, "--dino", "or --stand-in-encoders SEED")):
-        if given is None and not own[name].is_dir():
-            raise WeightsNotFoundError(f"{own[name]} not found and no {flag} given: pass {flag} ({hint})")
-    paths = {"clip": clip_path or (own["clip"] if own["clip"].is_dir() else None),
-             "dino": dino_path or (own["dino"] if own["dino"].is_dir() else None),
-             "vae": vae_path or (own["vae"] if own["vae"].is_dir() else None)}
+    given = {"clip": clip_path, "dino": dino_path, "vae": vae_path}
+    paths = {}
+    for name in names:
+        own = Path(gen_dir) / ENCODER_FOLDERS[name]
+        if given[name] is None and not own.is_dir():
+            flag, hint = _ENCODER_FLAGS[name]
+            raise WeightsNotFoundError(f"{own} not found and no {flag} given: pass {flag} ({hint})")
+        paths[name] = Path(given[name]) if given[name] is not None else own
+    return paths
+
+
+def load_generator_encoders(gen_dir, preset, clip_path=None, dino_path=None, vae_path=None, device="cpu"):
+    """Frozen encoders for training into ``gen_dir`` (:func:`generator_encoder_paths`) and their paths."""
+    from pcdms.encoders import build_encoders
+
+    paths = generator_encoder_paths(gen_dir, clip_path, dino_path, vae_path)
     return build_encoders(preset, paths["clip"], paths["dino"], paths["vae"], device=device), paths
 
 
@@ -281,8 +291,7 @@ def train_diffusion_stage(
     gen_dir, dev = Path(gen_dir), _device(device)
     run_dir = gen_dir / "train" / stage
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if vae_path is None and not (gen_dir / "vae").is_dir():
-        load_generator_encoders(gen_dir, preset, clip_path, dino_path, vae_path)  # raises, naming what is missing
+    generator_encoder_paths(gen_dir, vae_path=vae_path, names=("vae",))  # before writing any stand-in
     if stand_in_seed is not None and rank == 0:
         make_stand_in_encoders(gen_dir, preset, stand_in_seed)
     barrier()
@@ -321,7 +330,7 @@ def train_diffusion_stage(
         write_run_manifest(run_dir, stage=stage, preset=preset.name, identity=identity, train=config_dict(cfg),
                            complete=step >= cfg.max_steps, exported_step=step, pairs=len(pairs),
                            sources=sources or {}, init=init_report, embed_stats=embed_stats,
-                           encoders={k: str(v) if v else "random" for k, v in enc_paths.items()},
+                           encoders={k: str(v) for k, v in enc_paths.items()},
                            output=str(gen_dir / stage), output_sha256=folder_sha256(gen_dir / stage))
 
     train(model, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress,
@@ -437,15 +446,15 @@ def export_generator(gen_dir: str | os.PathLike, out: str | os.PathLike, dtype: 
     torch_dtype = getattr(torch, dtype)
     for stage in index["stages"]:
         save_model(load_model(gen_dir / stage, dtype=torch_dtype), out / stage)
-    for sub in ("prior_scheduler", "latent_scheduler", *index.get("encoders", {}).values()):
+    encoders = index.get("encoders", {})
+    for sub in ("prior_scheduler", "latent_scheduler", *(v for k, v in encoders.items() if k != "vae")):
         if (gen_dir / sub).is_dir():
             shutil.copytree(gen_dir / sub, out / sub)
-    if "vae" in index.get("encoders", {}):
+    if "vae" in encoders:  # re-saved in the storage dtype rather than copied
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(gen_dir / "vae"), local_files_only=True)
-        shutil.rmtree(out / "vae")
-        vae.to(torch_dtype).save_pretrained(str(out / "vae"), safe_serialization=True)
+        vae = AutoencoderKL.from_pretrained(str(gen_dir / encoders["vae"]), local_files_only=True)
+        vae.to(torch_dtype).save_pretrained(str(out / encoders["vae"]), safe_serialization=True)
     for name in ("stand_in.json", "model_index.json"):
         if (gen_dir / name).is_file():
             shutil.copyfile(gen_dir / name, out / name)
