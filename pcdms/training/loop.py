@@ -22,6 +22,7 @@ on GPU); :func:`init_distributed` reads torchrun's environment.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -231,7 +232,7 @@ def train(
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     n = len(task)
     local = cfg.micro_batch // world
-    log_rows = _read_log(run_dir, step) if rank == 0 else []
+    log_rows = read_log(run_dir, step) if rank == 0 else []
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {identity.get('stage')}",
                disable=not progress or rank != 0)
     t0, steps_done, elapsed0 = time.time(), 0, float(log_rows[-1]["elapsed_s"]) if log_rows else 0.0
@@ -244,7 +245,7 @@ def train(
             draws = {key: v[rank * local:(rank + 1) * local] for key, v in task.draws(gen, cfg.micro_batch).items()}
             batch = {key: v.to(device) for key, v in task.batch(idx).items()}
             sync = a == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else _null()
+            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     loss = task.loss(ddp, batch, draws) / cfg.grad_accum
@@ -291,14 +292,6 @@ def train(
     return model
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _export_weights(model: torch.nn.Module, ema) -> torch.nn.Module:
     if ema is None:
         return model
@@ -328,13 +321,14 @@ def _save_checkpoint(run_dir: Path, step: int, model, optimizer, schedule, scale
     return final
 
 
-def _read_log(run_dir: Path, step: int) -> list[dict]:
-    """Rows of an earlier run up to ``step`` (a resumed run rewrites the rows after its checkpoint)."""
-    path = run_dir / LOG_NAME
+def read_log(run_dir: str | os.PathLike, step: int | None = None) -> list[dict]:
+    """Rows of a run's ``log.csv`` (:data:`LOG_COLUMNS`, as strings), those up to ``step`` if given
+    (a resumed run rewrites the rows after its checkpoint); [] without a log."""
+    path = Path(run_dir) / LOG_NAME
     if step == 0 or not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        return [row for row in csv.DictReader(f) if step is None or int(row["step"]) <= step]
 
 
 def _write_log(run_dir: Path, rows: list[dict]) -> None:

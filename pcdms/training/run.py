@@ -141,6 +141,18 @@ def vae_psnr(vae, images: torch.Tensor, batch: int = 64) -> float:
     return float(torch.cat(out).mean())
 
 
+def _remove_run(run_dir: Path) -> None:
+    """--overwrite: rank 0 removes an earlier run's folder (checkpoints, log, manifest); all ranks wait."""
+    import shutil
+
+    from pcdms.training.loop import barrier
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0 and run_dir.exists():
+        shutil.rmtree(run_dir)
+    barrier()
+
+
 def _device(device) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -173,11 +185,8 @@ def train_vae(
     identity = {"stage": "vae", "preset": preset.name, "model_config": dict(vae_config),
                 "data_sha256": hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()}
     wrapper = VaeForward(vae)
-    if overwrite and run_dir.exists() and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        import shutil
-
-        shutil.rmtree(run_dir)
-    barrier()
+    if overwrite:
+        _remove_run(run_dir)
     train(wrapper, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress)
     barrier()
     vae = wrapper.vae.eval()
@@ -281,7 +290,7 @@ def train_diffusion_stage(
     """
     from pcdms.checkpoint import save_model
     from pcdms.training.cache import EncoderCache
-    from pcdms.training.loop import LOG_NAME, barrier, train
+    from pcdms.training.loop import barrier, read_log, train
     from pcdms.training.tasks import InpaintTask, PriorTask, RefineTask
 
     if stage not in ("prior", "inpaint", "refine"):
@@ -311,11 +320,8 @@ def train_diffusion_stage(
     barrier()
     if rank != 0:
         cache, task = build_task()
-    if overwrite and rank == 0 and run_dir.exists():  # only now: every input has been checked
-        import shutil
-
-        shutil.rmtree(run_dir)
-    barrier()
+    if overwrite:  # only now: every input has been checked
+        _remove_run(run_dir)
     model, init_report = _init_model(stage, preset, init, embed_stats, task, cfg.seed)
     identity = {"stage": stage, "preset": preset.name, "model_config": dataclasses.asdict(model.config),
                 "data_sha256": pairs_sha256(pairs, [c.name for c in coarse] if coarse else ()),
@@ -335,10 +341,8 @@ def train_diffusion_stage(
 
     train(model, task, cfg, run_dir, identity=identity, resume=resume, device=dev, progress=progress,
           on_checkpoint=export)
-    final_loss = None
-    if (run_dir / LOG_NAME).is_file():
-        lines = (run_dir / LOG_NAME).read_text().strip().splitlines()
-        final_loss = lines[-1].split(",")[1] if len(lines) > 1 else None
+    rows = read_log(run_dir)
+    final_loss = rows[-1]["loss"] if rows else None
     return {"output": str(gen_dir / stage), "step": cfg.max_steps, "final_loss": final_loss}
 
 
