@@ -31,7 +31,7 @@ def parse_subset_arg(value: str) -> float | Path:
     return fraction
 
 
-def _subset_records(dataset: ReidDataset, subset: str | None, fraction: float | None, subset_seed: int):
+def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | None, subset_seed: int):
     """(records, subset file or None, manifest notes) for --subset FILE|F or --fraction F."""
     if (subset is None) == (fraction is None):
         raise click.UsageError("give the real subset as --subset FILE|FRACTION or --fraction F (exactly one)")
@@ -101,7 +101,7 @@ def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, 
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         dataset = read_reid_dataset(data_root)
-        records, subset_file, notes = _subset_records(dataset, subset, fraction, subset_seed)
+        records, subset_file, notes = subset_records(dataset, subset, fraction, subset_seed)
         summary = records_summary(records)
         click.echo(f"real subset: {summary['num_images']:,} images, {summary['num_pids']:,} ids; "
                    f"generator {cfg.generator}, {cfg.per_image} per image")

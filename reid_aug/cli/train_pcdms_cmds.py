@@ -13,9 +13,8 @@ import click
 from pcdms.encoders import WeightsNotFoundError
 from pcdms.pose import PoseFormatError, read_annotation_csv
 from reid_aug.cli.app import main
-from reid_aug.cli.synth_cmds import parse_subset_arg
+from reid_aug.cli.synth_cmds import subset_records
 from reid_aug.data.market import DatasetError, read_reid_dataset
-from reid_aug.data.subset import make_subset, read_subset_csv
 
 STAGES = ("vae", "prior", "inpaint", "refine")
 DEFAULT_POSES = "market-annotation-train.csv"
@@ -25,10 +24,26 @@ def _training_records(dataset, subset: str | None, subset_seed: int):
     """(records allowed in training, description): the subset's images, or the whole train split."""
     if subset is None:
         return list(dataset.train), "the whole training split"
-    chosen = parse_subset_arg(subset)
-    if isinstance(chosen, Path):
-        return read_subset_csv(chosen, dataset), f"subset file {chosen}"
-    return make_subset(dataset.train, chosen, subset_seed), f"subset fraction {chosen} (seed {subset_seed})"
+    records, subset_file, _ = subset_records(dataset, subset, None, subset_seed)
+    what = f"subset file {subset_file}" if subset_file else f"subset fraction {subset} (seed {subset_seed})"
+    return records, what
+
+
+def _pair_options(command):
+    """The options that choose the training pairs; train-pcdms and make-coarse must be given the same."""
+    options = [
+        click.option("--subset", default=None,
+                     help="Pairs only from this real subset: a subset CSV or a fraction in (0, 1]."),
+        click.option("--subset-seed", type=int, default=0, show_default=True),
+        click.option("--pairs", "pairs_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="Community pairs file (from,to) instead of all same-id pairs; every pair is checked."),
+        click.option("--poses", "poses_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help=f"Pose annotations (default ROOT/{DEFAULT_POSES})."),
+        click.option("--per-source", type=int, default=None, help="At most N targets per source image (seeded)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source: int | None, seed: int):
@@ -50,13 +65,7 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
               help="Generator folder: every stage of one generator goes here (a loadable pipeline once "
                    "inpaint is trained).")
 @click.option("--preset", default="paper", show_default=True, help="paper | toy | tiny.")
-@click.option("--subset", default=None, help="Train only on this real subset: a subset CSV or a fraction in (0, 1].")
-@click.option("--subset-seed", type=int, default=0, show_default=True)
-@click.option("--pairs", "pairs_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Community pairs file (from,to) instead of all same-id pairs; every pair is checked.")
-@click.option("--poses", "poses_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help=f"Pose annotations (default ROOT/{DEFAULT_POSES}).")
-@click.option("--per-source", type=int, default=None, help="At most N targets per source image (seeded).")
+@_pair_options
 @click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Global batch per step.")
 @click.option("--grad-accum", type=int, default=1, show_default=True)
@@ -170,13 +179,7 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
               help="Generator folder with a trained inpaint stage (and prior, if any).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Output folder (default GENERATOR/coarse, where train-pcdms --stage refine looks).")
-@click.option("--subset", default=None, help="The subset the generator trains on: a subset CSV or a fraction.")
-@click.option("--subset-seed", type=int, default=0, show_default=True)
-@click.option("--pairs", "pairs_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Community pairs file (from,to), as for train-pcdms.")
-@click.option("--poses", "poses_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help=f"Pose annotations (default ROOT/{DEFAULT_POSES}).")
-@click.option("--per-source", type=int, default=None, help="At most N targets per source image (seeded).")
+@_pair_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Pair choice (with --per-source) and noise.")
 @click.option("--steps", type=int, default=20, show_default=True, help="Sampler steps.")
 @click.option("--guidance", type=float, default=2.0, show_default=True)
