@@ -316,13 +316,16 @@ class PCDMsPipeline:
             num_inference_steps, "inpaint")
 
         # 5. Decode: the whole canvas (the VAE decoder sees the seam with the source) and keep the target
-        #    half, or, for presets whose canvas latent is two single-image latents, each half alone.
+        #    half, or, for presets whose canvas latent is two single-image latents, the target half alone
+        #    (the source half is decoded only when the intermediates are asked for).
         if preset.canvas_latents == "joint":
             coarse_canvas = enc.vae.decode(canvas_latents.to(_dtype(enc.vae)))
+            coarse_images = coarse_canvas[..., preset.image_size[1]:]
         else:
-            coarse_canvas = torch.cat([enc.vae.decode(half.to(_dtype(enc.vae)))
-                                       for half in canvas_latents.chunk(2, dim=-1)], dim=-1)
-        coarse_images = coarse_canvas[..., preset.image_size[1]:]
+            source_half, target_half = canvas_latents.to(_dtype(enc.vae)).chunk(2, dim=-1)
+            coarse_images = enc.vae.decode(target_half)
+            coarse_canvas = (torch.cat([enc.vae.decode(source_half), coarse_images], dim=-1)
+                             if return_intermediates else None)
 
         # 6. Stage 3, refining (Eq. 8): uncond drops the coarse latent and the DINOv2 tokens.
         coarse_latents = latents = None
