@@ -496,24 +496,24 @@ def _write_tables(out: Path, items: Sequence[SynthesisItem], subset_records: Seq
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(SYNTHESIS_COLUMNS)
-    for it in items:
-        writer.writerow((it.name, it.source.name, it.source.pid, it.source.camid, it.k, it.seed, it.target or "",
-                         json.dumps([list(p) for p in it.target_keypoints])))
+    writer.writerows(_table_row(it) for it in items)
     write_text_atomic(out / SYNTHESIS_CSV, buf.getvalue())
     write_annotation_csv(out / ANNOTATION_CSV, {it.name: np.array(it.target_keypoints) for it in items})
     write_subset_csv(out / SUBSET_CSV, subset_records)
     return {name: sha256_file(out / name) for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV)}
 
 
-def _plan_row(it: SynthesisItem) -> tuple:
-    return (it.source.name, str(it.k), str(it.seed), it.target or "", json.dumps([list(p) for p in it.target_keypoints]))
+def _table_row(it: SynthesisItem) -> tuple[str, ...]:
+    """``synthesis.csv`` row of an item (:data:`SYNTHESIS_COLUMNS`), as the CSV reads it back."""
+    return (it.name, it.source.name, str(it.source.pid), str(it.source.camid), str(it.k), str(it.seed),
+            it.target or "", json.dumps([list(p) for p in it.target_keypoints]))
 
 
 def _reusable(items: Sequence[SynthesisItem], out: Path, folders: Sequence[str | Path], config: Mapping[str, Any],
               checkpoints: Mapping[str, str]) -> dict[str, Path]:
     """Planned images that a complete folder of the same job (same config, pipeline weights and plan row)
     already holds: name -> that file."""
-    wanted = {it.name: _plan_row(it) for it in items}
+    wanted = {it.name: _table_row(it) for it in items}
     found: dict[str, Path] = {}
     for folder in map(Path, folders):
         if folder.absolute() == out or not (folder / SYNTHESIS_CSV).is_file():
@@ -528,8 +528,7 @@ def _reusable(items: Sequence[SynthesisItem], out: Path, folders: Sequence[str |
                     != checkpoints.get("pipeline"))):
             continue
         with open(folder / SYNTHESIS_CSV, newline="") as f:
-            rows = {r["name"]: (r["source"], r["k"], r["seed"], r["target"], r["target_keypoints"])
-                    for r in csv.DictReader(f)}
+            rows = {r["name"]: tuple(r[c] for c in SYNTHESIS_COLUMNS) for r in csv.DictReader(f)}
         for name, row in wanted.items():
             if name not in found and rows.get(name) == row and (folder / name).is_file():
                 found[name] = folder / name
