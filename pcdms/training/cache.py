@@ -127,6 +127,13 @@ class EncoderCache:
             self._fill(kind, missing, progress)
         return torch.stack([store[k] for k in keys]).float()
 
+    def get_indexed(self, kind: str, paths: Sequence[str | os.PathLike], progress: bool = False) -> "Indexed":
+        """Like :meth:`get`, but each distinct image is stored once: an image that is the source (or
+        target) of many pairs costs one row, and rows are gathered per batch."""
+        distinct = list(dict.fromkeys(Path(p) for p in paths))
+        row = {p: i for i, p in enumerate(distinct)}
+        return Indexed(self.get(kind, distinct, progress), torch.tensor([row[Path(p)] for p in paths]))
+
     def get_pairs(self, sources: Sequence[str | os.PathLike], targets: Sequence[str | os.PathLike],
                   progress: bool = False) -> torch.Tensor:
         """(B, C, h, 2w) cached ``VAE([source | target])`` of each pair (kind ``canvas_latent``)."""
@@ -169,6 +176,24 @@ class EncoderCache:
         if kind in ("latent", "canvas_latent"):
             return lambda x: enc.vae.encode(x.to(device, dtype))
         return lambda x: enc.vae.encode(masked_canvas(x).to(device, dtype))
+
+
+class Indexed:
+    """Per-item rows without copies: ``table`` (N, ...) of distinct values, ``index`` (M,) row of each item.
+    ``x[idx]`` gathers items ``idx``; ``len(x)`` is M."""
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor):
+        self.table, self.index = table, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.table[self.index[idx]]
+
+    def all(self) -> torch.Tensor:
+        """(M, ...) every item's row (materialised)."""
+        return self.table[self.index]
 
 
 @torch.no_grad()

@@ -134,8 +134,8 @@ class PriorTask(_DiffusionTask):
                  loss: LossConfig, progress: bool = False):
         super().__init__(prior_schedule_config(), loss)
         self.sample_shape = (embed_dim,)
-        self.source_clip = cache.get("clip", [p.source for p in pairs], progress)
-        self.target_clip = cache.get("clip", [p.target for p in pairs], progress)
+        self.source_clip = cache.get_indexed("clip", [p.source for p in pairs], progress)
+        self.target_clip = cache.get_indexed("clip", [p.target for p in pairs], progress)
         self.source_pose, self.target_pose = _pose_vectors(pairs, image_size)
 
     def __len__(self) -> int:
@@ -143,7 +143,8 @@ class PriorTask(_DiffusionTask):
 
     def embed_stats(self) -> tuple[float, float]:
         """Scalar mean and std of the target embeddings (the release standardises with two scalars)."""
-        return float(self.target_clip.mean()), float(self.target_clip.std())
+        values = self.target_clip.all()  # over pairs, as the loss sees them
+        return float(values.mean()), float(values.std())
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"source_clip": self.source_clip[idx], "target_clip": self.target_clip[idx],
@@ -174,11 +175,11 @@ class InpaintTask(_DiffusionTask):
         if self.joint:  # the exact clean canvas latent of each pair (the release's target)
             self.canvas_latent = cache.get_pairs(src, tgt, progress)
         else:
-            self.source_latent = cache.get("latent", src, progress)
-            self.target_latent = cache.get("latent", tgt, progress)
-        self.masked_latent = cache.get("masked_latent", src, progress)
-        self.dino = cache.get("dino", src, progress)
-        self.target_clip = cache.get("clip", tgt, progress)
+            self.source_latent = cache.get_indexed("latent", src, progress)
+            self.target_latent = cache.get_indexed("latent", tgt, progress)
+        self.masked_latent = cache.get_indexed("masked_latent", src, progress)
+        self.dino = cache.get_indexed("dino", src, progress)
+        self.target_clip = cache.get_indexed("clip", tgt, progress)
         self.keypoints = [p.keypoints() for p in pairs]
 
     def __len__(self) -> int:
@@ -213,9 +214,9 @@ class RefineTask(_DiffusionTask):
             raise ValueError(f"refine needs one coarse image per pair: {len(coarse)} coarse for {len(pairs)} pairs")
         super().__init__(latent_schedule_config(preset), loss)
         self.sample_shape = (preset.latent_channels, *preset.latent_size)
-        self.target_latent = cache.get("latent", [p.target for p in pairs], progress)
-        self.coarse_latent = cache.get("latent", list(coarse), progress)
-        self.dino = cache.get("dino", [p.source for p in pairs], progress)
+        self.target_latent = cache.get_indexed("latent", [p.target for p in pairs], progress)
+        self.coarse_latent = cache.get_indexed("latent", list(coarse), progress)
+        self.dino = cache.get_indexed("dino", [p.source for p in pairs], progress)
 
     def __len__(self) -> int:
         return len(self.target_latent)
