@@ -145,9 +145,19 @@ def test_trained_model_has_manifest_and_loads(market, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["step"] == "train-bot" and manifest["seed"] == 0
     assert manifest["sources"]["data"] == str(market) and manifest["num_real_images"] == 16
+    cpu_amp = bot_train.autocast_dtype(torch.device("cpu"))  # cfg.amp is on: bf16 where the CPU has it
+    assert manifest["autocast_dtype"] == ("bfloat16" if cpu_amp is not None else "float32")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     feats = extract_features(model, load_images([r.path for r in records], (32, 16), progress=False))
     assert feats.shape == (16, 512) and torch.isfinite(feats).all()
+
+
+def test_cpu_autocast_only_with_native_bf16(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert bot_train.autocast_dtype(torch.device("cpu")) is expected
 
 
 def test_synthetic_identity_outside_the_training_set_is_rejected(market, tmp_path):

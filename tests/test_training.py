@@ -32,7 +32,8 @@ from pcdms.encoders import load_image
 from pcdms.training.cache import CacheMismatchError, EncoderCache
 from pcdms.training.loop import LOG_NAME, ResumeError, TrainConfig, checkpoint_dirs, train
 from pcdms.training.pairs import TrainingPair, pair_images
-from pcdms.training.run import init_prior_from_kandinsky
+from pcdms.checkpoint import save_model
+from pcdms.training.run import _init_model, init_prior_from_kandinsky
 from pcdms.training.tasks import InpaintTask, LossConfig, PriorTask, RefineTask, VaeForward, VaeTask
 from reid_aug.cli import main
 from reid_aug.data.market import read_reid_dataset
@@ -280,6 +281,40 @@ def test_task_draws_use_the_loss_config_rates(tasks, pairs4, cache):
     masks = tasks["inpaint"].draws(torch.Generator().manual_seed(1), 20000)["masks"]
     assert masks.shape == (20000, 2) and (masks[:, 0] == masks[:, 1]).all()
     assert abs(masks[:, 0].float().mean().item() - 0.1) < 0.01
+
+
+def test_global_noise_perturbs_only_the_embedding_stage_2_sees(pairs4, cache, monkeypatch):
+    plain, noisy = tasks_ = [_task("inpaint", pairs4, cache, LossConfig(global_noise=g)) for g in (0.0, 0.5)]
+    d0, d1 = (t.draws(torch.Generator().manual_seed(3), 4) for t in tasks_)
+    # Drawn after everything else: a run without it keeps its random stream.
+    assert "global_noise" not in d0 and all(torch.equal(d0[k], d1[k]) for k in d0)
+    seen = []
+    model = _model("inpaint")
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a: seen.append(a[-1]) or forward(self, *a))
+    batch = plain.batch(torch.arange(4))
+    keep = {**d1, "masks": torch.zeros_like(d1["masks"])}  # no condition dropped
+    plain.loss(model, batch, keep)
+    noisy.loss(model, batch, keep)
+    expected = batch["global"] + 0.5 * noisy.global_std * d1["global_noise"]
+    assert torch.equal(seen[0], batch["global"]) and torch.allclose(seen[1], expected)
+    assert torch.allclose(noisy.global_std, plain.target_clip.all().std(0))
+    with pytest.raises(ValueError, match="global_noise must be >= 0"):
+        LossConfig(global_noise=-1.0)
+
+
+def test_init_from_a_trained_stage_folder(tmp_path, tasks):
+    trained = _model("inpaint", seed=5)
+    save_model(trained, tmp_path / "inpaint")
+    model, report = _init_model("inpaint", TINY, tmp_path / "inpaint", "train", tasks["inpaint"], seed=0)
+    _assert_same_weights(model.state_dict(), trained.state_dict())
+    assert report["init"] == str(tmp_path / "inpaint") and len(report["init_sha256"]) == 64
+    with pytest.raises(ValueError, match="a inpaint stage, not refine"):
+        _init_model("refine", TINY, tmp_path / "inpaint", "train", tasks["refine"], seed=0)
+    toy_inpaint = build_model("inpaint", get_preset("toy"))
+    save_model(toy_inpaint, tmp_path / "toy_inpaint")
+    with pytest.raises(ValueError, match="architecture differs .* block_out_channels"):
+        _init_model("inpaint", TINY, tmp_path / "toy_inpaint", "train", tasks["inpaint"], seed=0)
 
 
 def _conditions(stage: str, b: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:

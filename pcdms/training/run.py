@@ -247,10 +247,30 @@ def _init_model(stage: str, preset, init, embed_stats, task, seed: int):
         torch.manual_seed(seed)
         model = build_stage(stage, config, preset.name)
     report = {"init": "random"}
-    if init is not None:
+    if init is not None and (Path(init) / "config.json").is_file() and (Path(init) / "model.safetensors").is_file():
+        report = {"init": str(init), "init_sha256": folder_sha256(init), "kept_init": []}
+        _init_from_stage_folder(model, stage, init)
+    elif init is not None:
         got = (init_prior_from_kandinsky(model, init) if stage == "prior" else init_from_stable_diffusion(model, init))
         report = {"init": str(init), "kept_init": got["kept_init"]}
     return model, report
+
+
+def _init_from_stage_folder(model, stage: str, folder) -> None:
+    """Fine-tuning: copy every weight of a trained ``stage`` folder (pcdms ``save_model``) into ``model``.
+    The architecture must be the same; the prior's embedding statistics stay the new training set's.
+    ``ValueError`` naming what differs."""
+    from pcdms.checkpoint import load_model, read_config
+
+    got_stage, _, config = read_config(folder)
+    if got_stage != stage:
+        raise ValueError(f"--init {folder}: a {got_stage} stage, not {stage}")
+    ours, theirs = dataclasses.asdict(model.config), dataclasses.asdict(config)
+    differ = sorted(k for k in ours if k not in ("embed_mean", "embed_std") and ours[k] != theirs.get(k))
+    if differ:
+        raise ValueError(f"--init {folder}: architecture differs from this preset's {stage} in "
+                         + ", ".join(f"{k} ({theirs.get(k)} vs {ours[k]})" for k in differ))
+    model.load_state_dict(load_model(folder, dtype=torch.float32).state_dict())
 
 
 def read_coarse_table(coarse_dir: str | os.PathLike, pairs: Sequence[TrainingPair]) -> list[Path]:

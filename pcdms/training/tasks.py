@@ -49,6 +49,12 @@ class LossConfig:
     ``p_extra``: independent extra drop per condition (the release: 0.1 each, joint 0);
     ``snr_gamma``: min-SNR-gamma loss weighting (Hang et al. 2023), None = plain MSE;
     ``noise_offset``: the release's offset noise (0.1), per sample and channel;
+    ``global_noise``: stage 2 only: Gaussian noise of ``global_noise`` x the per-dimension std of the
+    training targets' CLIP embeddings is added to the global embedding the model sees (noise
+    augmentation of the image embedding, as unCLIP's decoder is trained: Ramesh et al. 2022, Sec. 2.1,
+    and SD 2.1-unCLIP's ``noise_level``). Stage 2 learns from the *true* target embedding but samples
+    with stage 1's estimate; the noise keeps it from leaning on details stage 1 cannot predict.
+    0 = off (the paper);
     ``vae_kl_weight``: KL weight of the VAE stage.
     """
 
@@ -56,9 +62,12 @@ class LossConfig:
     p_extra: float = 0.0
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    global_noise: float = 0.0
     vae_kl_weight: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.global_noise < 0:
+            raise ValueError(f"global_noise must be >= 0, got {self.global_noise}")
         for name in ("p_joint", "p_extra"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -180,6 +189,7 @@ class InpaintTask(_DiffusionTask):
         self.masked_latent = cache.get_indexed("masked_latent", src, progress)
         self.dino = cache.get_indexed("dino", src, progress)
         self.target_clip = cache.get_indexed("clip", tgt, progress)
+        self.global_std = self.target_clip.all().std(0) if len(pairs) > 1 else None  # for loss.global_noise
         self.keypoints = [p.keypoints() for p in pairs]
 
     def __len__(self) -> int:
@@ -195,10 +205,22 @@ class InpaintTask(_DiffusionTask):
                 "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
                 "global": self.target_clip[idx]}
 
+    def draws(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+        out = super().draws(generator, n)
+        if self.loss_cfg.global_noise:  # drawn last: runs without it keep their random stream
+            out["global_noise"] = torch.randn((n, self.target_clip.table.shape[-1]), generator=generator)
+        return out
+
     def loss(self, model, batch, draws) -> torch.Tensor:
         x0 = batch["x0"]
         noisy, noise, t = self._noisy(x0, draws)
-        dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], batch["global"], masks=draws["masks"].T)
+        global_embed = batch["global"]
+        if self.loss_cfg.global_noise:
+            if self.global_std is None:
+                raise ValueError("global_noise needs at least 2 training pairs (the per-dimension std)")
+            scale = self.loss_cfg.global_noise * self.global_std.to(global_embed)
+            global_embed = global_embed + scale * draws["global_noise"].to(global_embed)
+        dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], global_embed, masks=draws["masks"].T)
         pred = model(noisy, t, batch["mask"], batch["masked_latent"], batch["pose_canvas"], dino, global_embed)
         return self._loss(pred, x0, noise, t)
 

@@ -46,7 +46,9 @@ class BotConfig:
     # its lr at the same steps: a gain is then not just longer training.
     epoch_steps: str = "all"
     seed: int = 0
-    amp: bool = True  # CUDA only: bfloat16 autocast (float16 + loss scaling where bf16 is missing)
+    # Mixed precision (train.autocast_dtype): bfloat16 autocast on CUDA (float16 + loss scaling where
+    # bf16 is missing) and on CPUs with native bf16 (AVX512-BF16/AMX); float32 elsewhere.
+    amp: bool = True
     channels_last: bool = True  # CUDA only
     num_workers: int = 0  # image decoding threads; 0 = one per CPU (at most 16)
     log_every: int = 20  # iterations between progress-bar updates

@@ -83,9 +83,12 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
               help="Extra independent drop probability per condition (the release: 0.1, joint 0).")
 @click.option("--snr-gamma", type=float, default=None, help="Min-SNR-gamma loss weighting (default off).")
 @click.option("--noise-offset", type=float, default=0.0, show_default=True, help="Offset noise (release 0.1).")
+@click.option("--global-noise", type=float, default=0.0, show_default=True,
+              help="Inpaint: noise augmentation of the target CLIP embedding, in units of its per-dimension std "
+                   "(unCLIP; makes stage 2 tolerant of the prior's errors). 0 = off, as in the paper.")
 @click.option("--init", "init_path", type=click.Path(path_type=Path), default=None,
-              help="Starting weights: SD 2.1-base folder (inpaint/refine) or Kandinsky-2.2 prior folder (prior). "
-                   "Default: random.")
+              help="Starting weights: SD 2.1-base folder (inpaint/refine), Kandinsky-2.2 prior folder (prior), "
+                   "or a trained stage folder of the same architecture (fine-tuning). Default: random.")
 @click.option("--embed-stats", type=click.Choice(["train", "release"]), default="train", show_default=True,
               help="Prior: standardise CLIP embeddings with training-set statistics or the release's values.")
 @click.option("--clip-checkpoint", type=click.Path(path_type=Path), default=None, help="OpenCLIP ViT-H/14.")
@@ -102,7 +105,8 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pairs_csv, poses_csv, per_source, steps,
                     batch_size, grad_accum, lr, weight_decay, max_grad_norm, warmup_steps, ema_decay,
-                    mixed_precision, checkpoint_every, seed, p_joint, p_extra, snr_gamma, noise_offset, init_path,
+                    mixed_precision, checkpoint_every, seed, p_joint, p_extra, snr_gamma, noise_offset, global_noise,
+                    init_path,
                     embed_stats, clip_checkpoint, dino_path, vae_path, stand_in_encoders, coarse_dir, resume,
                     overwrite, device) -> None:
     """Train one PCDMs stage (or the toy VAE) on same-identity pairs of a Market-style dataset into OUT.
@@ -123,7 +127,8 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
                           weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup_steps=warmup_steps,
                           ema_decay=ema_decay, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
                           seed=seed)
-        loss = LossConfig(p_joint=p_joint, p_extra=p_extra, snr_gamma=snr_gamma, noise_offset=noise_offset)
+        loss = LossConfig(p_joint=p_joint, p_extra=p_extra, snr_gamma=snr_gamma, noise_offset=noise_offset,
+                          global_noise=global_noise)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     rank, world = init_distributed()
