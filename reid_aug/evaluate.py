@@ -19,15 +19,18 @@ minutes of a per-query Python loop.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from pcdms.io import sha256_folder, write_json_atomic
+from pcdms.io import atomic_path, sha256_folder, write_json_atomic
 
 METRICS_NAME = "metrics.json"
+#: Arrays of a features file (torchreid's names); ``distmat`` (Q, G) is optional.
+FEATURE_KEYS = ("q_feats", "g_feats", "q_pids", "g_pids", "q_camids", "g_camids", "q_names", "g_names")
 PROTOCOL = (
     "market1501: same-pid-same-camera gallery entries removed, "
     "queries without valid match skipped, distractors kept"
@@ -169,6 +172,61 @@ def compute_distmat(q_feats: torch.Tensor, g_feats: torch.Tensor, metric: str = 
     raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
 
 
+def _check_features(arrays: dict[str, Any], source: str) -> dict[str, np.ndarray]:
+    """The FEATURE_KEYS (+ ``distmat``) of ``arrays`` as numpy arrays, shapes and dtypes checked."""
+    missing = [k for k in FEATURE_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{source}: missing {', '.join(missing)} (a features file holds {', '.join(FEATURE_KEYS)})")
+    out = {k: np.asarray(v.cpu().numpy() if isinstance(v, torch.Tensor) else v)
+           for k, v in arrays.items() if k in (*FEATURE_KEYS, "distmat")}
+    for p in ("q", "g"):
+        feats = out[f"{p}_feats"]
+        if feats.ndim != 2 or feats.dtype.kind != "f":
+            raise ValueError(f"{source}: {p}_feats must be a 2-D float array, got {feats.dtype} {feats.shape}")
+        for key, kind in ((f"{p}_pids", "iu"), (f"{p}_camids", "iu"), (f"{p}_names", "U")):
+            if out[key].shape != (len(feats),) or out[key].dtype.kind not in kind:
+                raise ValueError(f"{source}: {key} must be a 1-D {'string' if kind == 'U' else 'integer'} array "
+                                 f"of length {len(feats)}, got {out[key].dtype} {out[key].shape}")
+    shape = (len(out["q_feats"]), len(out["g_feats"]))
+    if out["q_feats"].shape[1] != out["g_feats"].shape[1]:
+        raise ValueError(f"{source}: q_feats and g_feats differ in dimension "
+                         f"({out['q_feats'].shape[1]} vs {out['g_feats'].shape[1]})")
+    if "distmat" in out and out["distmat"].shape != shape:
+        raise ValueError(f"{source}: distmat must have shape {shape} (query x gallery), got {out['distmat'].shape}")
+    return out
+
+
+def save_features(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """Write query/gallery features and labels to a ``.npz`` at ``path`` (atomically), torchreid's names.
+
+    ``arrays``: ``q_feats`` (Q, D) / ``g_feats`` (G, D) float; ``q_pids``, ``q_camids`` (Q,) and
+    ``g_pids``, ``g_camids`` (G,) integers (camids 0-based); ``q_names`` / ``g_names`` image file
+    names (str); optional ``distmat`` (Q, G). No pickled objects: ``np.load`` reads it anywhere.
+    Raises ValueError naming ``path`` if an array is missing or mis-shaped.
+    """
+    checked = _check_features(arrays, str(path))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **checked)  # to a file object: np.savez would append ".npz" to a bare file name
+
+
+def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a features file written by :func:`save_features` (``evaluate --save-features``).
+
+    Returns the arrays by name (see :func:`save_features`; ``distmat`` only if saved).
+    Raises FileNotFoundError or ValueError naming ``path`` if it is missing, not an ``.npz``,
+    or lacks / mis-shapes an array.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a features .npz file ({exc})") from None
+    return _check_features(arrays, str(path))
+
+
 def _metrics_file(out_path: str | os.PathLike) -> Path:
     """``x.json`` is the file itself; anything else is a folder that gets ``metrics.json``."""
     out = Path(out_path)
@@ -182,6 +240,59 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _labels(dataset) -> dict[str, np.ndarray]:
+    """``q_``/``g_`` pids, camids and file names of the query and gallery records, in record order."""
+    out = {}
+    for p, split in (("q", dataset.query), ("g", dataset.gallery)):
+        out[f"{p}_pids"] = np.array([r.pid for r in split], dtype=np.int64)
+        out[f"{p}_camids"] = np.array([r.camid for r in split], dtype=np.int64)
+        out[f"{p}_names"] = np.array([r.name for r in split], dtype=str)
+    return out
+
+
+def _extract(model_folder: Path, dataset, dev: torch.device, batch_size: int, flip: bool):
+    """(q_feats, g_feats, image_size): BNNeck features (CPU float32) of query and gallery."""
+    # Imported here: the BoT package pulls in torchvision, which the ranking metrics don't need.
+    from reid_aug.bot.data import load_images
+    from reid_aug.bot.features import extract_features
+    from reid_aug.bot.model import CONFIG_NAME, load_bot
+
+    model, config = load_bot(model_folder, dev)
+    size = config.get("image_size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise ValueError(f"{model_folder / CONFIG_NAME}: 'image_size' must be [height, width], got {size!r}")
+    feats = []
+    for split in (dataset.query, dataset.gallery):
+        images = load_images([r.path for r in split], tuple(size))
+        feats.append(extract_features(model, images, batch_size, dev, flip=flip, progress=True))
+        del images
+    return feats[0], feats[1], list(size)
+
+
+def model_features(
+    model_folder: str | os.PathLike,
+    dataset_root: str | os.PathLike,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    flip: bool = False,
+) -> dict[str, np.ndarray]:
+    """Query/gallery BNNeck features of a saved BoT model on ``dataset_root``, as :func:`evaluate_model` extracts them.
+
+    Returns the FEATURE_KEYS arrays (:func:`save_features`): ``q_feats`` (Q, D) and ``g_feats`` (G, D)
+    float32, ids and file names in the dataset's record order. Raises DatasetError for a bad
+    dataset root, ValueError for a model folder without a valid ``image_size``.
+    """
+    from reid_aug.data.market import read_reid_dataset
+
+    dataset = read_reid_dataset(dataset_root)
+    q_feats, g_feats, _ = _extract(Path(model_folder), dataset, _device(device), batch_size, flip)
+    return {"q_feats": q_feats.numpy(), "g_feats": g_feats.numpy(), **_labels(dataset)}
+
+
 def evaluate_model(
     model_folder: str | os.PathLike,
     dataset_root: str | os.PathLike,
@@ -190,6 +301,8 @@ def evaluate_model(
     batch_size: int = 256,
     device: str | torch.device | None = None,
     flip: bool = False,
+    features_path: str | os.PathLike | None = None,
+    save_distmat: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a saved BoT model on the query/gallery split of ``dataset_root``.
 
@@ -202,31 +315,21 @@ def evaluate_model(
     metric fractions at the top level (``rank1``, ``mAP``, ``mINP``, ``cmc`` list ...),
     ``rank1_pct`` / ``mAP_pct``, the re-ranked metrics under ``rerank`` (else None),
     sizes, the model folder's SHA-256, the dataset root and the protocol string.
+
+    ``features_path``: also write the features, ids and image names there (:func:`save_features`,
+    before the metrics file), with the (Q, G) cosine ``distmat`` (not re-ranked) if ``save_distmat``;
+    the metrics record the path under ``features_file``.
     """
-    # Imported here: the BoT package pulls in torchvision, which the ranking metrics don't need.
-    from reid_aug.bot.data import load_images
-    from reid_aug.bot.features import extract_features
-    from reid_aug.bot.model import CONFIG_NAME, load_bot
     from reid_aug.data.market import read_reid_dataset
 
+    if save_distmat and features_path is None:
+        raise ValueError("save_distmat needs features_path (the distance matrix goes into the features file)")
     model_folder = Path(model_folder)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     dataset = read_reid_dataset(dataset_root)
-    model, config = load_bot(model_folder, dev)
-    size = config.get("image_size")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"{model_folder / CONFIG_NAME}: 'image_size' must be [height, width], got {size!r}")
-
-    feats = []
-    for split in (dataset.query, dataset.gallery):
-        images = load_images([r.path for r in split], tuple(size))
-        feats.append(extract_features(model, images, batch_size, dev, flip=flip, progress=True))
-        del images
-    q_feats, g_feats = feats
-    q_pids = np.array([r.pid for r in dataset.query])
-    g_pids = np.array([r.pid for r in dataset.gallery])
-    q_camids = np.array([r.camid for r in dataset.query])
-    g_camids = np.array([r.camid for r in dataset.gallery])
+    q_feats, g_feats, size = _extract(model_folder, dataset, dev, batch_size, flip)
+    labels = _labels(dataset)
+    q_pids, g_pids, q_camids, g_camids = (labels[k] for k in ("q_pids", "g_pids", "q_camids", "g_camids"))
 
     distmat = compute_distmat(q_feats.to(dev), g_feats.to(dev), "cosine")
     result = _summary(evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids))
@@ -243,6 +346,11 @@ def evaluate_model(
         del g_g
         reranked = _summary(evaluate_rank(rr, q_pids, g_pids, q_camids, g_camids))
         reranked["params"] = params
+    if features_path is not None:
+        arrays = {"q_feats": q_feats, "g_feats": g_feats, **labels}
+        if save_distmat:
+            arrays["distmat"] = distmat
+        save_features(features_path, arrays)
     result.update(
         {
             "rerank": reranked,
@@ -252,12 +360,13 @@ def evaluate_model(
             "distance": "cosine",
             "flip": bool(flip),
             "feature_dim": int(q_feats.shape[1]),
-            "image_size": list(size),
+            "image_size": size,
             "model": str(model_folder.absolute()),
             "model_sha256": sha256_folder(model_folder),
             "dataset_root": str(dataset.root),
             "layout": dataset.layout,
             "device": str(dev),
+            "features_file": str(Path(features_path).absolute()) if features_path is not None else None,
         }
     )
     if out_path is not None:

@@ -137,23 +137,35 @@ def test_bad_input_errors(args, message):
         evaluate_rank(*args)
 
 
-def _torchreid_rank_module():
-    """torchreid's rank.py loaded by file: its package __init__ pulls in cv2, gdown, ... we don't need."""
+def _torchreid_file(*candidates: str) -> Path:
+    """The first of ``candidates`` (paths inside the torchreid package) that exists; skip without torchreid.
+
+    torchreid 0.2.5 lives outside the venv (the Makefile's test target puts it on PYTHONPATH).
+    """
     spec = importlib.util.find_spec("torchreid")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("torchreid is not installed")
     root = Path(list(spec.submodule_search_locations)[0])
-    for rel in ("reid/metrics/rank.py", "metrics/rank.py"):  # torchreid-pip 0.2.5 / deep-person-reid
+    for rel in candidates:
         if (root / rel).is_file():
-            path = root / rel
-            break
-    else:
-        pytest.skip(f"no metrics/rank.py under {root}")
-    mod_spec = importlib.util.spec_from_file_location("_torchreid_rank", path)
+            return root / rel
+    pytest.skip(f"no {' or '.join(candidates)} under {root}")
+
+
+def _load_by_file(name: str, path: Path):
+    """One torchreid module loaded by file: its package __init__ pulls in cv2, gdown, ... we don't need."""
+    mod_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(mod_spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Cython evaluation is unavailable"
         mod_spec.loader.exec_module(module)
+    return module
+
+
+def _torchreid_rank_module():
+    # torchreid-pip 0.2.5 / deep-person-reid layouts
+    path = _torchreid_file("reid/metrics/rank.py", "metrics/rank.py")
+    module = _load_by_file("_torchreid_rank", path)
     compiled = sorted(path.parent.glob("rank_cylib/rank_cy*.so")) + sorted(path.parent.glob("rank_cylib/rank_cy*.pyd"))
     cython = None
     if compiled:
@@ -200,8 +212,11 @@ def test_compute_distmat_cosine_and_euclidean():
 # ---- k-reciprocal re-ranking -------------------------------------------------------------------
 
 
-def _dense_re_ranking(q_g, q_q, g_g, k1, k2, lam):
-    """Zhong et al. 2017 written as plainly as possible (dense, per-element loops); small N only."""
+def _dense_re_ranking(q_g, q_q, g_g, k1, k2, lam, strict=True):
+    """Zhong et al. 2017 written as plainly as possible (dense, per-element loops); small N only.
+
+    ``strict``: expansion needs overlap > 2/3 (the authors' code); False: >= 2/3 (the paper's text).
+    """
     num_q = q_g.shape[0]
     d = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
     n = len(d)
@@ -217,7 +232,7 @@ def _dense_re_ranking(q_g, q_q, g_g, k1, k2, lam):
         full = set(base)
         for q in base:
             cand = recip(q, int(round(k1 / 2)))
-            if len(base & cand) >= 2 / 3 * len(cand):
+            if (3 * len(base & cand) > 2 * len(cand)) if strict else (3 * len(base & cand) >= 2 * len(cand)):
                 full |= cand
         idx = sorted(full)
         v[p, idx] = np.exp(-d[p, idx]) / np.exp(-d[p, idx]).sum()
@@ -245,6 +260,36 @@ def test_re_ranking_matches_dense_definition(metric, k1, k2):
     ours = re_ranking(*blocks, k1=k1, k2=k2, lambda_value=0.3, chunk_size=5)
     assert isinstance(ours, np.ndarray) and ours.shape == (12, 40) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, _dense_re_ranking(*blocks, k1, k2, 0.3), atol=1e-5)
+
+
+def _symmetric_blocks(rng, num_q, num_g, num_pids=5, dim=8):
+    """(q_g, q_q, g_g) float32 squared Euclidean distances cut from one exactly symmetric matrix.
+
+    Exact symmetry matters: torchreid normalises by column maxima, this code by row maxima.
+    """
+    n = num_q + num_g
+    x = rng.normal(size=(num_pids, dim))[rng.integers(0, num_pids, n)] + 0.7 * rng.normal(size=(n, dim))
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    d = ((d + d.T) / 2).astype(np.float32)
+    np.fill_diagonal(d, 0.0)
+    return d[:num_q, num_q:], d[:num_q, :num_q], d[num_q:, num_q:]
+
+
+def test_re_ranking_identical_to_torchreid():
+    path = _torchreid_file("reid/utils/rerank.py", "utils/rerank.py")
+    tr_rerank = _load_by_file("_torchreid_rerank", path).re_ranking
+    rng = np.random.default_rng(11)
+    for num_q, num_g, k1, k2 in [(10, 30, 4, 1), (10, 30, 5, 2), (12, 40, 6, 3), (20, 60, 20, 6), (30, 120, 20, 6)]:
+        blocks = _symmetric_blocks(rng, num_q, num_g)
+        # Small clustered sets hold many overlaps of exactly 2/3 of a candidate set (|R(q, k1/2)| = 3, 6,
+        # ...): the paper's ">=" reads them differently, so each case exercises the strict test.
+        if num_q + num_g <= 40:
+            paper = _dense_re_ranking(*blocks, k1, k2, 0.3, strict=False)
+            assert np.abs(paper - _dense_re_ranking(*blocks, k1, k2, 0.3)).max() > 1e-3
+        ours = re_ranking(*blocks, k1=k1, k2=k2, lambda_value=0.3)
+        # torchreid squares its inputs (written for plain Euclidean distances).
+        theirs = tr_rerank(*(np.sqrt(b.astype(np.float64)) for b in blocks), k1=k1, k2=k2, lambda_value=0.3)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
 def test_re_ranking_is_a_valid_distance_and_helps_clustered_data():
@@ -346,3 +391,72 @@ def test_evaluate_cli_prints_summary(tiny_model_and_market, tmp_path):
                                        "--out", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "Rank-1" in result.output and "mAP" in result.output and (tmp_path / "metrics.json").is_file()
+
+
+def test_evaluate_cli_saves_features_that_reproduce_the_metrics(tiny_model_and_market, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from reid_aug.cli import main
+    from reid_aug.data.market import read_reid_dataset
+    from reid_aug.evaluate import FEATURE_KEYS
+
+    folder, market = tiny_model_and_market
+    feats_file = tmp_path / "feats.npz"
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--data", str(market), "--out",
+                                       str(tmp_path / "m.json"), "--device", "cpu", "--save-features",
+                                       str(feats_file), "--save-distmat"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["features_file"] == str(feats_file.absolute())
+    with np.load(feats_file, allow_pickle=False) as npz:  # plain numpy reads it: no pickled objects
+        arrays = dict(npz)
+    assert set(arrays) == {*FEATURE_KEYS, "distmat"}
+
+    dataset = read_reid_dataset(market)
+    num_q, num_g, dim = len(dataset.query), len(dataset.gallery), m["feature_dim"]
+    assert arrays["q_feats"].shape == (num_q, dim) and arrays["g_feats"].shape == (num_g, dim)
+    assert arrays["distmat"].shape == (num_q, num_g)
+    for p, split in (("q", dataset.query), ("g", dataset.gallery)):
+        assert arrays[f"{p}_names"].tolist() == [r.name for r in split]
+        assert arrays[f"{p}_pids"].tolist() == [r.pid for r in split]
+        assert arrays[f"{p}_camids"].tolist() == [r.camid for r in split]
+
+    distmat = compute_distmat(torch.from_numpy(arrays["q_feats"]), torch.from_numpy(arrays["g_feats"]))
+    np.testing.assert_allclose(arrays["distmat"], distmat.numpy(), atol=1e-6)
+    again = evaluate_rank(distmat, arrays["q_pids"], arrays["g_pids"], arrays["q_camids"], arrays["g_camids"])
+    assert again["mAP"] == pytest.approx(m["mAP"]) and again["mINP"] == pytest.approx(m["mINP"])
+    assert again["cmc"].tolist() == pytest.approx(m["cmc"])
+
+    # Without --save-distmat the file holds only the named arrays; --save-distmat alone is refused.
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--data", str(market), "--out",
+                                       str(tmp_path), "--device", "cpu", "--save-features", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "f") as npz:
+        assert set(npz.files) == set(FEATURE_KEYS)
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(folder), "--data", str(market), "--out",
+                                       str(tmp_path), "--save-distmat"])
+    assert result.exit_code != 0 and "--save-features" in result.output
+
+
+def test_features_file_errors(tmp_path):
+    from reid_aug.evaluate import load_features, save_features
+
+    arrays = {"q_feats": np.ones((2, 3), np.float32), "g_feats": np.ones((4, 3), np.float32),
+              "q_pids": [1, 2], "g_pids": [1, 2, 2, 0], "q_camids": [0, 0], "g_camids": [1, 1, 2, 0],
+              "q_names": ["a.jpg", "b.jpg"], "g_names": ["c.jpg", "d.jpg", "e.jpg", "f.jpg"]}
+    save_features(tmp_path / "ok.npz", arrays)
+    assert load_features(tmp_path / "ok.npz")["g_names"].tolist() == arrays["g_names"]
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        load_features(tmp_path / "absent.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ValueError, match=r"text\.npz: not a features \.npz"):
+        load_features(tmp_path / "text.npz")
+    with pytest.raises(ValueError, match="missing q_names"):
+        save_features(tmp_path / "x.npz", {k: v for k, v in arrays.items() if k != "q_names"})
+    with pytest.raises(ValueError, match="g_pids must be a 1-D integer array of length 4"):
+        save_features(tmp_path / "x.npz", {**arrays, "g_pids": [1, 2]})
+    with pytest.raises(ValueError, match=r"distmat must have shape \(2, 4\)"):
+        save_features(tmp_path / "x.npz", {**arrays, "distmat": np.zeros((4, 2))})
+    assert not (tmp_path / "x.npz").exists()

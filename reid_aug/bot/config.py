@@ -100,11 +100,15 @@ class BotConfig:
 def lr_factor(epoch: int, cfg: BotConfig) -> float:
     """Multiplier of ``cfg.lr`` during 0-based ``epoch``.
 
-    The reference code steps its WarmupMultiStepLR at the START of every epoch, so
-    1-based epoch ``t`` trains at ``f(t)``: linear ``warmup_factor * (1 - t/W) + t/W`` for
-    ``t < W`` (0.109 at t = 1, 1.0 from t = W = 10 on), times ``gamma`` for each milestone
-    ``<= t`` (x0.1 from the 40th epoch, x0.01 from the 70th). This matches the paper's
-    Eq. (lr = 3.5e-5 x t / 10 ...) up to the 0.01 floor.
+    The reference code (reid-strong-baseline) steps its WarmupMultiStepLR at the START of
+    every epoch, so 1-based epoch ``t`` trains at ``f(t)``: linear
+    ``warmup_factor * (1 - t/W) + t/W`` for ``t < W`` (0.109 at t = 1, 1.0 from t = W = 10
+    on), times ``gamma`` for each milestone ``<= t``: x0.1 from t = 40 (0-based ``epoch``
+    39), x0.01 from t = 70 (``epoch`` 69). The paper's Eq. for lr(t) has 3.5e-4 for
+    10 < t <= 40, 3.5e-5 for 40 < t <= 70 and 3.5e-6 for 70 < t <= 120, so its steps come
+    one epoch LATER (t = 41 and 71) than here; this follows the code, which produced the
+    published numbers. The warmup is the code's too (the paper's also rises linearly over
+    t <= 10).
     """
     t = epoch + 1
     warm = 1.0
