@@ -117,6 +117,33 @@ def classifier_free_guidance(
     return out_uncond + scale * (out_cond - out_uncond)
 
 
+def denoise(model, scheduler, noise: torch.Tensor, cond, uncond, scale: float, num_inference_steps: int,
+            desc: str | None = None) -> torch.Tensor:
+    """One stage's guided sampling loop from ``noise`` (B, ...) with ``scheduler``; the clean sample.
+    ``desc``: a per-step tqdm bar with this label (None: no bar)."""
+    scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
+    sample = noise * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc=desc, disable=desc is None, leave=False):
+        model_input = scheduler.scale_model_input(sample, t)
+        pred = classifier_free_guidance(model, model_input, t, cond, uncond, scale)
+        sample = scheduler.step(pred, t, sample).prev_sample
+    return sample
+
+
+def sample_prior(prior, source_embeds: torch.Tensor, source_pose: torch.Tensor, target_pose: torch.Tensor,
+                 noise: torch.Tensor, guidance_scale: float, num_inference_steps: int, scheduler: str = "ddim",
+                 schedule: dict | None = None, desc: str | None = None) -> torch.Tensor:
+    """Stage 1 (PCDMs Eq. 4): target CLIP embeddings (B, D), raw (not standardised), sampled by the
+    x0-predicting ``prior`` from ``noise`` (B, D) given source embeddings (B, D) and pose vectors
+    (B, P) (:func:`pcdms.pose.pose_to_vector`). ``schedule``: default :func:`prior_schedule_config`.
+    The pipeline's stage 1, and the embeddings stage 2 can be trained on (``LossConfig.prior_samples``)."""
+    cond = (source_embeds, source_pose, target_pose)
+    x0 = denoise(prior, make_scheduler(scheduler, schedule or prior_schedule_config()), noise, cond,
+                 prior.null_condition(*cond), guidance_scale, num_inference_steps, desc)
+    # The prior diffuses in a standardised space; stage 2 takes raw CLIP embeddings.
+    return prior.denormalize_embeds(x0)
+
+
 def canvas_conditions(
     source_images: torch.Tensor,
     source_keypoints,
@@ -296,11 +323,8 @@ class PCDMsPipeline:
             hk, wk = preset.image_size
             poses = [torch.from_numpy(pose_to_vector(_as_numpy(kp), hk, wk)).to(device, dtype)
                      for kp in (source_keypoints, target_keypoints)]
-            cond = (source_embeds, *poses)
-            x0 = self._denoise(self.prior, make_scheduler(scheduler, self.prior_schedule), noise[0], cond,
-                               self.prior.null_condition(*cond), w_prior, num_inference_steps, "prior")
-            # The prior diffuses in a standardised space; stage 2 takes raw CLIP embeddings.
-            global_embeds = self.prior.denormalize_embeds(x0)
+            global_embeds = sample_prior(self.prior, source_embeds, *poses, noise[0], w_prior, num_inference_steps,
+                                         scheduler, self.prior_schedule, "prior" if self.progress else None)
 
         # 4. Stage 2, inpainting (Eq. 6 as released): uncond drops DINOv2 tokens and global embedding only.
         if global_embeds is None:  # B1/B3: no global features, the null embedding takes their place
@@ -421,14 +445,9 @@ class PCDMsPipeline:
         return cls(models["prior"], models["inpaint"], models["refine"], encoders, preset, *schedules)
 
     def _denoise(self, model, scheduler, noise, cond, uncond, scale, num_inference_steps, name) -> torch.Tensor:
-        """One stage's sampling loop from ``noise``; returns the final (clean) sample."""
-        scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
-        sample = noise * scheduler.init_noise_sigma
-        for t in tqdm(scheduler.timesteps, desc=name, disable=not self.progress, leave=False):
-            model_input = scheduler.scale_model_input(sample, t)
-            pred = classifier_free_guidance(model, model_input, t, cond, uncond, scale)
-            sample = scheduler.step(pred, t, sample).prev_sample
-        return sample
+        """One stage's sampling loop from ``noise`` (:func:`denoise`); returns the final (clean) sample."""
+        return denoise(model, scheduler, noise, cond, uncond, scale, num_inference_steps,
+                       name if self.progress else None)
 
 
 def write_pipeline_index(folder: str | Path, preset_name: str, stages: Sequence[str], prior_schedule: dict,

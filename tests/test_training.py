@@ -34,7 +34,8 @@ from pcdms.training.loop import LOG_NAME, ResumeError, TrainConfig, checkpoint_d
 from pcdms.training.pairs import TrainingPair, pair_images
 from pcdms.checkpoint import save_model
 from pcdms.training.run import _init_model, init_prior_from_kandinsky
-from pcdms.training.tasks import InpaintTask, LossConfig, PriorTask, RefineTask, VaeForward, VaeTask
+from pcdms.training.tasks import (InpaintTask, LossConfig, PriorTask, RefineTask, VaeForward, VaeTask,
+                                  prior_embedding_samples)
 from reid_aug.cli import main
 from reid_aug.data.market import read_reid_dataset
 from reid_aug.data.subset import make_subset
@@ -301,6 +302,37 @@ def test_global_noise_perturbs_only_the_embedding_stage_2_sees(pairs4, cache, mo
     assert torch.allclose(noisy.global_std, plain.target_clip.all().std(0))
     with pytest.raises(ValueError, match="global_noise must be >= 0"):
         LossConfig(global_noise=-1.0)
+
+
+def test_stage_2_can_learn_from_stage_1_samples(pairs4, cache, monkeypatch):
+    prior = _model("prior", seed=3)
+    loss = LossConfig(prior_samples=3, prior_steps=2)
+    with pytest.raises(ValueError, match="needs the trained prior"):
+        _task("inpaint", pairs4, cache, loss)
+    task = InpaintTask(pairs4, cache, TINY, loss, prior=prior, seed=7)
+    samples = task.global_samples
+    assert samples.shape == (4, 3, TINY.clip_embed_dim) and torch.isfinite(samples).all()
+    assert not torch.allclose(samples[:, 0], samples[:, 1])  # distinct samples per pair
+    # What the pipeline's stage 1 gives for the same noise, whatever the batch size.
+    from pcdms.pipeline import sample_prior
+    from pcdms.training.tasks import _pose_vectors
+
+    src_pose, tgt_pose = _pose_vectors(pairs4, TINY.image_size)
+    source_clip = cache.get_indexed("clip", [p.source for p in pairs4]).all()
+    noise = torch.randn((4, TINY.clip_embed_dim), generator=torch.Generator().manual_seed(7 * 1000 + 1))
+    with torch.no_grad():
+        direct = sample_prior(prior, source_clip, src_pose, tgt_pose, noise, 2.0, 2)
+    assert torch.allclose(samples[:, 1], direct, atol=1e-6)
+    again = prior_embedding_samples(prior, source_clip, src_pose, tgt_pose, loss, seed=7, batch_size=3)
+    assert torch.allclose(again, samples, atol=1e-6)
+
+    draws = task.draws(torch.Generator().manual_seed(0), 4)
+    seen = []
+    model = _model("inpaint")
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a: seen.append(a[-1]) or forward(self, *a))
+    task.loss(model, task.batch(torch.arange(4)), {**draws, "masks": torch.zeros_like(draws["masks"])})
+    assert torch.equal(seen[0], samples[torch.arange(4), draws["global_pick"]])
 
 
 def test_init_from_a_trained_stage_folder(tmp_path, tasks):

@@ -326,12 +326,19 @@ def train_diffusion_stage(
     barrier()
     encoders, enc_paths = load_generator_encoders(gen_dir, preset, clip_path, dino_path, vae_path, device=dev)
     coarse = read_coarse_table(coarse_dir or gen_dir / "coarse", pairs) if stage == "refine" else None
+    prior = None
+    if stage == "inpaint" and loss.prior_samples:  # stage 2 learns from stage 1's samples
+        from pcdms.checkpoint import load_model
+
+        if not (gen_dir / "prior" / "config.json").is_file():
+            raise FileNotFoundError(f"{gen_dir / 'prior'}: no trained prior; --prior-samples needs stage 1 first")
+        prior = load_model(gen_dir / "prior", device=dev, dtype=torch.float32)
     def build_task():
         cache = EncoderCache(gen_dir / "cache", encoders, preset.image_size)
         if stage == "prior":
             return cache, PriorTask(pairs, cache, preset.clip_embed_dim, preset.image_size, loss, progress)
         if stage == "inpaint":
-            return cache, InpaintTask(pairs, cache, preset, loss, progress)
+            return cache, InpaintTask(pairs, cache, preset, loss, progress, prior=prior, seed=cfg.seed)
         return cache, RefineTask(pairs, coarse, cache, preset, loss, progress)
 
     # Rank 0 fills the cache, then the others read it: never two writers on one shard.
@@ -346,6 +353,8 @@ def train_diffusion_stage(
     identity = {"stage": stage, "preset": preset.name, "model_config": dataclasses.asdict(model.config),
                 "data_sha256": pairs_sha256(pairs, [c.name for c in coarse] if coarse else ()),
                 "loss": config_dict(loss), "encoders_sha256": dict(cache.hashes)}
+    if prior is not None:
+        identity["prior_sha256"] = folder_sha256(gen_dir / "prior")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_pairs_table(run_dir / "pairs.csv", pairs)

@@ -55,6 +55,10 @@ class LossConfig:
     and SD 2.1-unCLIP's ``noise_level``). Stage 2 learns from the *true* target embedding but samples
     with stage 1's estimate; the noise keeps it from leaning on details stage 1 cannot predict.
     0 = off (the paper);
+    ``prior_samples``: stage 2 only: learn from this many embeddings per pair *sampled by the trained
+    prior* (``prior_steps`` DDIM steps, guidance ``prior_guidance``; one picked at random per step)
+    instead of the true target embedding, so stage 2 is trained on what stage 1 gives it at sampling
+    time, as stage 3 learns from stage 2's images (DESIGN §7). 0 = the true embedding (the paper);
     ``vae_kl_weight``: KL weight of the VAE stage.
     """
 
@@ -63,9 +67,15 @@ class LossConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     global_noise: float = 0.0
+    prior_samples: int = 0
+    prior_steps: int = 10
+    prior_guidance: float = 2.0
     vae_kl_weight: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.prior_samples < 0 or self.prior_steps < 1 or self.prior_guidance < 0:
+            raise ValueError(f"prior_samples must be >= 0, prior_steps >= 1 and prior_guidance >= 0, got "
+                             f"{self.prior_samples}, {self.prior_steps}, {self.prior_guidance}")
         if self.global_noise < 0:
             raise ValueError(f"global_noise must be >= 0, got {self.global_noise}")
         for name in ("p_joint", "p_extra"):
@@ -174,7 +184,7 @@ class InpaintTask(_DiffusionTask):
     num_conditions = 2
 
     def __init__(self, pairs: Sequence[TrainingPair], cache: EncoderCache, preset, loss: LossConfig,
-                 progress: bool = False):
+                 progress: bool = False, prior=None, seed: int = 0):
         super().__init__(latent_schedule_config(preset), loss)
         h, w = preset.latent_size
         self.sample_shape = (preset.latent_channels, h, 2 * w)
@@ -191,6 +201,13 @@ class InpaintTask(_DiffusionTask):
         self.target_clip = cache.get_indexed("clip", tgt, progress)
         self.global_std = self.target_clip.all().std(0) if len(pairs) > 1 else None  # for loss.global_noise
         self.keypoints = [p.keypoints() for p in pairs]
+        self.global_samples = None  # (M, S, D): loss.prior_samples stage-1 embeddings per pair
+        if loss.prior_samples:
+            if prior is None:
+                raise ValueError("prior_samples > 0 needs the trained prior (stage 1) to sample from")
+            source_pose, target_pose = _pose_vectors(pairs, preset.image_size)
+            self.global_samples = prior_embedding_samples(
+                prior, cache.get_indexed("clip", src, progress), source_pose, target_pose, loss, seed, progress)
 
     def __len__(self) -> int:
         return len(self.masked_latent)
@@ -203,18 +220,23 @@ class InpaintTask(_DiffusionTask):
               else torch.cat([self.source_latent[idx], self.target_latent[idx]], dim=-1))
         return {"x0": x0, "masked_latent": self.masked_latent[idx], "pose_canvas": poses,
                 "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
-                "global": self.target_clip[idx]}
+                "global": (self.target_clip[idx] if self.global_samples is None else self.global_samples[idx])}
 
     def draws(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
         out = super().draws(generator, n)
-        if self.loss_cfg.global_noise:  # drawn last: runs without it keep their random stream
+        # Drawn last: runs without these keep their random stream.
+        if self.loss_cfg.global_noise:
             out["global_noise"] = torch.randn((n, self.target_clip.table.shape[-1]), generator=generator)
+        if self.loss_cfg.prior_samples:
+            out["global_pick"] = torch.randint(0, self.loss_cfg.prior_samples, (n,), generator=generator)
         return out
 
     def loss(self, model, batch, draws) -> torch.Tensor:
         x0 = batch["x0"]
         noisy, noise, t = self._noisy(x0, draws)
         global_embed = batch["global"]
+        if self.loss_cfg.prior_samples:  # (B, S, D): this step's pick of each pair's stage-1 samples
+            global_embed = global_embed[torch.arange(len(global_embed)), draws["global_pick"].to(global_embed.device)]
         if self.loss_cfg.global_noise:
             if self.global_std is None:
                 raise ValueError("global_noise needs at least 2 training pairs (the per-dimension std)")
@@ -223,6 +245,40 @@ class InpaintTask(_DiffusionTask):
         dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], global_embed, masks=draws["masks"].T)
         pred = model(noisy, t, batch["mask"], batch["masked_latent"], batch["pose_canvas"], dino, global_embed)
         return self._loss(pred, x0, noise, t)
+
+
+@torch.no_grad()
+def prior_embedding_samples(prior, source_clip, source_pose: torch.Tensor, target_pose: torch.Tensor,
+                            loss: LossConfig, seed: int, progress: bool = False,
+                            batch_size: int = 4096) -> torch.Tensor:
+    """(M, S, D) target CLIP embeddings sampled by ``prior`` for M pairs, S = ``loss.prior_samples``
+    (:func:`pcdms.pipeline.sample_prior`, DDIM ``loss.prior_steps`` steps, guidance ``loss.prior_guidance``).
+    ``source_clip``: (M, D) rows (or :class:`~pcdms.training.cache.Indexed`); poses (M, P).
+    Sample s of pair i starts from row i of ``randn((M, D))`` seeded with ``(seed, s)``: the result does
+    not depend on ``batch_size``."""
+    from tqdm.auto import tqdm
+
+    from pcdms.pipeline import sample_prior
+
+    m = len(source_pose)
+    dim = prior.config.embed_dim
+    device, dtype = next(prior.parameters()).device, next(prior.parameters()).dtype
+    was_training = prior.training
+    prior.eval()
+    out = torch.empty(m, loss.prior_samples, dim)
+    try:
+        with tqdm(total=m * loss.prior_samples, desc="prior samples", disable=not progress, leave=False) as bar:
+            for s in range(loss.prior_samples):
+                noise = torch.randn((m, dim), generator=torch.Generator().manual_seed(seed * 1000 + s))
+                for start in range(0, m, batch_size):
+                    idx = torch.arange(start, min(start + batch_size, m))
+                    args = [x.to(device, dtype) for x in (source_clip[idx], source_pose[idx], target_pose[idx],
+                                                          noise[idx])]
+                    out[idx, s] = sample_prior(prior, *args, loss.prior_guidance, loss.prior_steps).float().cpu()
+                    bar.update(len(idx))
+    finally:
+        prior.train(was_training)
+    return out
 
 
 class RefineTask(_DiffusionTask):

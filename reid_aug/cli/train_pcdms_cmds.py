@@ -86,6 +86,11 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 @click.option("--global-noise", type=float, default=0.0, show_default=True,
               help="Inpaint: noise augmentation of the target CLIP embedding, in units of its per-dimension std "
                    "(unCLIP; makes stage 2 tolerant of the prior's errors). 0 = off, as in the paper.")
+@click.option("--prior-samples", type=int, default=0, show_default=True,
+              help="Inpaint: learn from N embeddings per pair sampled by the trained OUT/prior (what stage 2 gets "
+                   "at sampling time) instead of the true target embedding. 0 = the true one, as in the paper.")
+@click.option("--prior-steps", type=int, default=10, show_default=True, help="DDIM steps of those prior samples.")
+@click.option("--prior-guidance", type=float, default=2.0, show_default=True, help="Guidance of those samples.")
 @click.option("--init", "init_path", type=click.Path(path_type=Path), default=None,
               help="Starting weights: SD 2.1-base folder (inpaint/refine), Kandinsky-2.2 prior folder (prior), "
                    "or a trained stage folder of the same architecture (fine-tuning). Default: random.")
@@ -106,7 +111,7 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pairs_csv, poses_csv, per_source, steps,
                     batch_size, grad_accum, lr, weight_decay, max_grad_norm, warmup_steps, ema_decay,
                     mixed_precision, checkpoint_every, seed, p_joint, p_extra, snr_gamma, noise_offset, global_noise,
-                    init_path,
+                    prior_samples, prior_steps, prior_guidance, init_path,
                     embed_stats, clip_checkpoint, dino_path, vae_path, stand_in_encoders, coarse_dir, resume,
                     overwrite, device) -> None:
     """Train one PCDMs stage (or the toy VAE) on same-identity pairs of a Market-style dataset into OUT.
@@ -128,7 +133,8 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
                           ema_decay=ema_decay, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
                           seed=seed)
         loss = LossConfig(p_joint=p_joint, p_extra=p_extra, snr_gamma=snr_gamma, noise_offset=noise_offset,
-                          global_noise=global_noise)
+                          global_noise=global_noise, prior_samples=prior_samples, prior_steps=prior_steps,
+                          prior_guidance=prior_guidance)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     rank, world = init_distributed()
