@@ -13,3 +13,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_market(tmp_path_factory):
+    """A random ResNet-18 BoT folder (64x32 input) and a 6-identity toy Market: (model folder, root)."""
+    from reid_aug.bot.model import build_bot, save_bot
+    from reid_aug.data.toy import make_toy_market
+
+    root = tmp_path_factory.mktemp("eval")
+    market = make_toy_market(root / "market", num_ids=6, images_per_id=(2, 3), seed=0)
+    torch.manual_seed(0)
+    model = build_bot(num_classes=3, backbone="resnet18")
+    folder = save_bot(root / "model", model, extra_config={"image_size": [64, 32]})
+    return folder, market

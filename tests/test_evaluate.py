@@ -319,19 +319,6 @@ def test_re_ranking_bad_input():
 # ---- evaluate_model end to end -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_and_market(tmp_path_factory):
-    from reid_aug.bot.model import build_bot, save_bot
-    from reid_aug.data.toy import make_toy_market
-
-    root = tmp_path_factory.mktemp("eval")
-    market = make_toy_market(root / "market", num_ids=6, images_per_id=(2, 3), seed=0)
-    torch.manual_seed(0)
-    model = build_bot(num_classes=3, backbone="resnet18")
-    folder = save_bot(root / "model", model, extra_config={"image_size": [64, 32]})
-    return folder, market
-
-
 def test_evaluate_model_end_to_end(tiny_model_and_market, tmp_path):
     import json
 

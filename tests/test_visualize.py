@@ -9,7 +9,6 @@ from PIL import Image
 
 from reid_aug.cli import main
 from reid_aug.visualize import BACKGROUND, GREEN, QUERY_BORDER, RED, pick_queries, rank_grid
-from tests.test_evaluate import tiny_model_and_market  # noqa: F401  (fixture)
 
 
 def _border_runs(grid: Image.Image, y: int) -> list[tuple[int, tuple[int, int, int]]]:
@@ -79,7 +78,7 @@ def test_pick_queries_seeded_and_valid_only():
         pick_queries(q_pids[15:], g_pids, q_cams[15:], g_cams, 3)
 
 
-def test_visualize_ranks_cli(tiny_model_and_market, tmp_path):  # noqa: F811
+def test_visualize_ranks_cli(tiny_model_and_market, tmp_path):
     folder, market = tiny_model_and_market
     feats = tmp_path / "feats.npz"
     runner = CliRunner()

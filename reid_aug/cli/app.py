@@ -26,6 +26,6 @@ def main() -> None:
         -> subset      seeded real-data fraction (every identity kept)
         -> synthesize  PCDMs: prior -> inpaint -> refine, Market naming
         -> train-bot   BoT re-ID on real [+ synthetic]
-        -> evaluate    Rank-k / mAP / mINP on query/gallery
+        -> evaluate    Rank-k / mAP / mINP on query/gallery (visualize-ranks: top-k grids)
         -> report      Table-2 layout, markdown / CSV / LaTeX / PNG
     """
