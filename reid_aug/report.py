@@ -191,6 +191,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def _budget_line(bot: dict[str, Any], methods: list) -> str:
+    """The training-budget rule that makes Standard and augmented rows comparable (or says they are not)."""
+    shares = sorted({str(m.get("synthetic_share")) for m in methods
+                     if isinstance(m, dict) and m.get("synthetic_share") is not None})
+    if shares:
+        return (f"- Budget: a fixed share of every batch is synthetic ({', '.join(shares)}), the rest real; an epoch "
+                "is the real subset's, so augmented runs make the Standard run's optimizer steps")
+    if bot.get("epoch_steps", "all") == "real":
+        return ("- Budget: real and synthetic images pooled; an epoch has as many batches as the real subset alone "
+                "gives (`epoch_steps: real`), so augmented runs make the Standard run's optimizer steps and drop "
+                "the lr at the same steps: a gain is not longer training")
+    return ("- Budget: real and synthetic images pooled and every image seen once per epoch (`epoch_steps: all`): "
+            "augmented runs make **more optimizer steps** than Standard, so part of a gain may be longer training")
+
+
 def _protocol_lines(run_dir: Path, df: pd.DataFrame, manifest: dict[str, Any] | None) -> list[str]:
     lines = []
     if manifest is None:
@@ -208,6 +223,8 @@ def _protocol_lines(run_dir: Path, df: pd.DataFrame, manifest: dict[str, Any] | 
         bot = config.get("bot")
         if isinstance(bot, dict):
             lines.append("- BoT: " + ", ".join(_flatten(bot)))
+        if config.get("methods"):
+            lines.append(_budget_line(bot if isinstance(bot, dict) else {}, config["methods"]))
         for m in config.get("methods") or []:
             if isinstance(m, dict):
                 rest = {k: v for k, v in m.items() if k != "name"}

@@ -110,6 +110,7 @@ def test_make_report_tables_and_files(tmp_path):
     assert "94.1" in published and "85.9" in published
     assert "7 finished cells, 1 unfinished" in ours
     assert "/data/Market-1501" in ours and "backbone=resnet50" in ours and "market1501: test protocol" in ours
+    assert "- Budget: real and synthetic images pooled and every image seen once per epoch" in ours
 
     long = pd.read_csv(paths["results_csv"])
     assert len(long) == 7 and {"method", "fraction", "seed", "rank1", "mAP", "mINP"} <= set(long.columns)
@@ -127,6 +128,20 @@ def test_make_report_tables_and_files(tmp_path):
     with Image.open(paths["plot"]) as im:
         assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 200
     assert not list((tmp_path / "out").glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("bot, share, expected", [
+    ({"epoch_steps": "real"}, None, "so augmented runs make the Standard run's optimizer steps and drop the lr"),
+    ({"epoch_steps": "all"}, None, "augmented runs make **more optimizer steps** than Standard"),
+    ({}, 0.5, "a fixed share of every batch is synthetic (0.5)"),
+])
+def test_report_states_the_budget_rule(tmp_path, bot, share, expected):
+    run = _make_run(tmp_path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["bot"].update(bot)
+    manifest["config"]["methods"][0]["synthetic_share"] = share
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert expected in make_report(run, tmp_path / "out")["markdown"].read_text()
 
 
 def test_report_without_manifest_says_so_and_default_out_dir(tmp_path):
