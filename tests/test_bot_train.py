@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,14 @@ def test_train_bot_command_one_epoch(market, tmp_path):
         "--image-size", "32x16", "--pretrained", "none", "--synthetic-share", "0.5", "--device", "cpu",
         "--cache-dir", str(tmp_path / "cache"),
     ]
+    dry = CliRunner().invoke(main, args + ["--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert not out.exists()  # nothing trained or written
+    assert "backbone: resnet18" in dry.output and "synthetic_share: 0.5" in dry.output
+    planned = re.search(r"# plan: 8 real images / 4 ids \+ 8 synthetic; (\d+) iterations per epoch of 8 images",
+                        dry.output)
+    assert planned, dry.output
+
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "model in" in result.output
@@ -194,6 +203,7 @@ def test_train_bot_command_one_epoch(market, tmp_path):
     assert manifest["num_synthetic_images"] == 8 and manifest["sources"]["synthetic_0"] == str(tmp_path / "syn")
     assert manifest["num_real_images"] == 8 and manifest["sources"]["subset"] == str(subset)
     assert len(_log(out)) == 1
+    assert _log(out)[0]["iteration"] == planned.group(1)  # the plan is what training then did
     assert list((tmp_path / "cache").glob("*.npy"))
     _, config = load_bot(out / "model")
     assert config["image_size"] == [32, 16]

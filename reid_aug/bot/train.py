@@ -180,6 +180,52 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, str]]:
 
 
 
+def make_samplers(cfg: BotConfig, labels: torch.Tensor, num_real: int, rank: int = 0, world: int = 1):
+    """``(sampler, synthetic_sampler, real_only)`` for ``labels`` (N,) of the real images (first
+    ``num_real``) then the synthetic ones. Pooled (``synthetic_share`` None): one P x K sampler over
+    all images, and with ``epoch_steps == "real"`` a real-only sampler whose epoch length caps the
+    pooled epoch. Fixed share: a real and a synthetic sampler whose batches are joined."""
+    k = cfg.num_instances
+    if cfg.synthetic_share is None:
+        sampler = RandomIdentitySampler(labels.tolist(), cfg.batch_size, k, cfg.seed, rank, world)
+        real_only = None
+        if len(labels) > num_real and cfg.epoch_steps == "real":
+            real_only = RandomIdentitySampler(labels[:num_real].tolist(), cfg.batch_size, k, cfg.seed, rank, world)
+        return sampler, None, real_only
+    p_syn = round(cfg.synthetic_share * cfg.num_pids_per_batch)
+    sampler = RandomIdentitySampler(labels[:num_real].tolist(), cfg.batch_size - p_syn * k, k, cfg.seed, rank, world)
+    syn_sampler = RandomIdentitySampler(labels[num_real:].tolist(), p_syn * k, k, cfg.seed, rank, world, stream=1)
+    return sampler, syn_sampler, None
+
+
+def epoch_batches(sampler, syn_sampler, real_only, epoch: int, num_real: int) -> list[list[int]]:
+    """This rank's batches (image indices) of ``epoch`` for the samplers of :func:`make_samplers`."""
+    sampler.set_epoch(epoch)
+    if syn_sampler is not None:
+        syn_sampler.set_epoch(epoch)
+        return mixed_epoch_batches(sampler, syn_sampler, epoch, synthetic_offset=num_real)
+    batches = list(sampler)
+    if real_only is not None:
+        batches = batches[: len(real_only.global_batches(epoch))]
+    return batches
+
+
+def training_plan(cfg: BotConfig, train_records: Sequence[ImageRecord],
+                  synthetic_records: Sequence[ImageRecord] = ()) -> dict[str, Any]:
+    """What :func:`train_bot` would do, without training: image and identity counts and the
+    iterations of every epoch (the samplers' exact epoch lengths). Raises ValueError as it would."""
+    real, synthetic = list(train_records), list(synthetic_records)
+    pid2label = label_map(real)
+    labels = torch.tensor([pid2label[r.pid] for r in real] + _synthetic_labels(synthetic, pid2label))
+    if cfg.synthetic_share is not None and not synthetic:
+        raise ValueError(f"synthetic_share is {cfg.synthetic_share} but no synthetic images were given")
+    samplers = make_samplers(cfg, labels, len(real))
+    per_epoch = [len(epoch_batches(*samplers, epoch, len(real))) for epoch in range(cfg.epochs)]
+    return {"real_images": len(real), "identities": len(pid2label), "synthetic_images": len(synthetic),
+            "iterations_per_epoch": per_epoch, "iterations": sum(per_epoch),
+            "images_per_iteration": cfg.batch_size}
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype BoT's ``amp`` trains under on ``device``; None where mixed precision would not pay.
 
@@ -256,18 +302,7 @@ def train_bot(
             images = images.to(device)
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
 
-        real_only = None  # epoch_steps "real": the real subset's own epoch length caps a pooled epoch
-        if cfg.synthetic_share is None:
-            sampler = RandomIdentitySampler(labels.tolist(), cfg.batch_size, cfg.num_instances, cfg.seed, rank, world)
-            syn_sampler = None
-            if synthetic and cfg.epoch_steps == "real":
-                real_only = RandomIdentitySampler(labels[: len(real)].tolist(), cfg.batch_size, cfg.num_instances,
-                                                  cfg.seed, rank, world)
-        else:
-            p_syn = round(cfg.synthetic_share * cfg.num_pids_per_batch)
-            k = cfg.num_instances
-            sampler = RandomIdentitySampler(labels[: len(real)].tolist(), cfg.batch_size - p_syn * k, k, cfg.seed, rank, world)
-            syn_sampler = RandomIdentitySampler(labels[len(real) :].tolist(), p_syn * k, k, cfg.seed, rank, world, stream=1)
+        sampler, syn_sampler, real_only = make_samplers(cfg, labels, len(real), rank, world)
 
         amp_dtype = autocast_dtype(device) if cfg.amp else None
         use_amp = amp_dtype is not None
@@ -307,14 +342,7 @@ def train_bot(
         aug_gen = torch.Generator()
 
         for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            if syn_sampler is None:
-                batches = list(sampler)
-                if real_only is not None:
-                    batches = batches[: len(real_only.global_batches(epoch))]
-            else:
-                syn_sampler.set_epoch(epoch)
-                batches = mixed_epoch_batches(sampler, syn_sampler, epoch, synthetic_offset=len(real))
+            batches = epoch_batches(sampler, syn_sampler, real_only, epoch, len(real))
             aug_gen.manual_seed(_epoch_seed(cfg.seed, epoch, rank))
             lr = optimizer.param_groups[0]["lr"]
             net.train()

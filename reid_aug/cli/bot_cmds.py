@@ -10,7 +10,7 @@ import click
 
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.cli.app import main
-from reid_aug.cli.config import load_config, read_yaml
+from reid_aug.cli.config import config_to_dict, load_config, read_yaml
 from reid_aug.data.market import DatasetError, read_image_folder, read_reid_dataset
 from reid_aug.data.subset import read_subset_csv
 
@@ -50,6 +50,8 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep decoded images here (.npy) so re-runs skip decoding.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the resolved config and the plan (images, identities, iterations per epoch); train nothing.")
 def train_bot_cmd(
     data_root: Path,
     subset_file: Path | None,
@@ -66,6 +68,7 @@ def train_bot_cmd(
     resume: bool,
     device: str | None,
     cache_dir: Path | None,
+    dry_run: bool,
 ) -> None:
     """Train a BoT re-ID model (Luo et al. 2019, reid-strong-baseline Market recipe).
 
@@ -105,6 +108,9 @@ def train_bot_cmd(
     if cfg.pretrained is None:
         click.echo("note: no pretrained backbone, training from random weights (the published recipe "
                    "starts from ImageNet weights: --pretrained PATH or configs/bot_market.yaml)")
+    if dry_run:
+        _print_plan(cfg, records, synthetic)
+        return
     start = time.perf_counter()
     try:
         model_dir = train_bot(
@@ -114,3 +120,21 @@ def train_bot_cmd(
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
+
+
+def _print_plan(cfg, records, synthetic) -> None:
+    """``--dry-run``: the config train-bot would use (YAML, as ``--config`` takes it) and its plan."""
+    import yaml
+
+    from reid_aug.bot.train import training_plan
+
+    try:
+        plan = training_plan(cfg, records, synthetic)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip())
+    per_epoch = plan["iterations_per_epoch"]
+    spread = f"{min(per_epoch)}-{max(per_epoch)}" if min(per_epoch) != max(per_epoch) else str(per_epoch[0])
+    click.echo(f"# plan: {plan['real_images']} real images / {plan['identities']} ids + {plan['synthetic_images']} "
+               f"synthetic; {spread} iterations per epoch of {plan['images_per_iteration']} images, "
+               f"{plan['iterations']} in {cfg.epochs} epochs; lr x{cfg.gamma} from epochs {list(cfg.milestones)}")
