@@ -300,7 +300,7 @@ def test_global_noise_perturbs_only_the_embedding_stage_2_sees(pairs4, cache, mo
     expected = batch["global"] + 0.5 * noisy.global_std * d1["global_noise"]
     assert torch.equal(seen[0], batch["global"]) and torch.allclose(seen[1], expected)
     assert torch.allclose(noisy.global_std, plain.target_clip.all().std(0))
-    with pytest.raises(ValueError, match="global_noise must be >= 0"):
+    with pytest.raises(ValueError, match=r"global_noise \(--global-noise\) must be >= 0"):
         LossConfig(global_noise=-1.0)
 
 
@@ -341,7 +341,7 @@ def test_init_from_a_trained_stage_folder(tmp_path, tasks):
     model, report = _init_model("inpaint", TINY, tmp_path / "inpaint", "train", tasks["inpaint"], seed=0)
     _assert_same_weights(model.state_dict(), trained.state_dict())
     assert report["init"] == str(tmp_path / "inpaint") and len(report["init_sha256"]) == 64
-    with pytest.raises(ValueError, match="a inpaint stage, not refine"):
+    with pytest.raises(ValueError, match="holds the inpaint stage, not the refine stage"):
         _init_model("refine", TINY, tmp_path / "inpaint", "train", tasks["refine"], seed=0)
     toy_inpaint = build_model("inpaint", get_preset("toy"))
     save_model(toy_inpaint, tmp_path / "toy_inpaint")
@@ -687,6 +687,26 @@ def test_cli_resume_continues_a_run(tmp_path, market):
         pytest.xfail(f"library bug (train-pcdms --resume fails for every stage): {_TUPLE_BUG}")
     assert res.exit_code == 0, res.output
     assert [int(r["step"]) for r in _log(tmp_path / "gen" / "train" / "vae")] == [1, 2]
+
+
+def test_cli_bad_init_or_missing_prior_leaves_everything_as_it_was(tmp_path, market):
+    gen = tmp_path / "gen"
+    common = ["--data", market, "--out", gen, "--preset", "tiny", "--batch-size", "4", "--device", "cpu"]
+    assert _invoke("train-pcdms", "--stage", "vae", *common, "--steps", "1").exit_code == 0
+    # --prior-samples before stage 1 exists: refused before any stand-in encoder is written.
+    res = _invoke("train-pcdms", "--stage", "inpaint", *common, "--steps", "1", "--stand-in-encoders", "0",
+                  "--prior-samples", "2")
+    assert res.exit_code == 1 and "no trained prior; --prior-samples needs stage 1 first" in res.output
+    assert sorted(p.name for p in gen.iterdir()) == ["train", "vae"]
+    # --overwrite with starting weights of another stage: the earlier run survives the error.
+    res = _invoke("train-pcdms", "--stage", "prior", *common, "--steps", "1", "--stand-in-encoders", "0")
+    assert res.exit_code == 0, res.output
+    before = sorted(p.relative_to(gen) for p in (gen / "train" / "prior").rglob("*"))
+    res = _invoke("train-pcdms", "--stage", "prior", *common, "--steps", "1", "--init", gen / "vae", "--overwrite")
+    assert res.exit_code == 1
+    res = _invoke("train-pcdms", "--stage", "prior", *common, "--steps", "1", "--init", gen, "--overwrite")
+    assert res.exit_code == 1 and f"give its stage: --init {gen / 'prior'}" in res.output
+    assert sorted(p.relative_to(gen) for p in (gen / "train" / "prior").rglob("*")) == before
 
 
 def test_per_image_canvas_latents_follow_the_preset(tmp_path, pairs4, encoders):

@@ -63,7 +63,7 @@ def make_stand_in_encoders(gen_dir: str | os.PathLike, preset, seed: int) -> Non
     write_json_atomic(note, {"seed": seed, "encoders": ["clip", "dino"], "note": STAND_IN_NOTE})
 
 
-_ENCODER_FLAGS = {"vae": ("--vae", "train it with --stage vae (toy preset)"),
+_ENCODER_FLAGS = {"vae": ("--vae", "train it with --stage vae (toy and tiny presets)"),
                   "clip": ("--clip-checkpoint", "or --stand-in-encoders SEED"),
                   "dino": ("--dino", "or --stand-in-encoders SEED")}
 
@@ -247,6 +247,9 @@ def _init_model(stage: str, preset, init, embed_stats, task, seed: int):
         torch.manual_seed(seed)
         model = build_stage(stage, config, preset.name)
     report = {"init": "random"}
+    # A pcdms generator folder (stage folders hold model.safetensors; Kandinsky's prior/ holds diffusers files).
+    if init is not None and (Path(init) / stage / "model.safetensors").is_file() and not (Path(init) / "config.json").is_file():
+        raise ValueError(f"--init {init} is a whole generator folder; give its stage: --init {Path(init) / stage}")
     if init is not None and (Path(init) / "config.json").is_file() and (Path(init) / "model.safetensors").is_file():
         report = {"init": str(init), "init_sha256": folder_sha256(init), "kept_init": []}
         _init_from_stage_folder(model, stage, init)
@@ -264,7 +267,7 @@ def _init_from_stage_folder(model, stage: str, folder) -> None:
 
     got_stage, _, config = read_config(folder)
     if got_stage != stage:
-        raise ValueError(f"--init {folder}: a {got_stage} stage, not {stage}")
+        raise ValueError(f"--init {folder} holds the {got_stage} stage, not the {stage} stage")
     ours, theirs = dataclasses.asdict(model.config), dataclasses.asdict(config)
     differ = sorted(k for k in ours if k not in ("embed_mean", "embed_std") and ours[k] != theirs.get(k))
     if differ:
@@ -321,6 +324,8 @@ def train_diffusion_stage(
     run_dir = gen_dir / "train" / stage
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     generator_encoder_paths(gen_dir, vae_path=vae_path, names=("vae",))  # before writing any stand-in
+    if stage == "inpaint" and loss.prior_samples and not (gen_dir / "prior" / "config.json").is_file():
+        raise FileNotFoundError(f"{gen_dir / 'prior'}: no trained prior; --prior-samples needs stage 1 first")
     if stand_in_seed is not None and rank == 0:
         make_stand_in_encoders(gen_dir, preset, stand_in_seed)
     barrier()
@@ -330,8 +335,6 @@ def train_diffusion_stage(
     if stage == "inpaint" and loss.prior_samples:  # stage 2 learns from stage 1's samples
         from pcdms.checkpoint import load_model
 
-        if not (gen_dir / "prior" / "config.json").is_file():
-            raise FileNotFoundError(f"{gen_dir / 'prior'}: no trained prior; --prior-samples needs stage 1 first")
         prior = load_model(gen_dir / "prior", device=dev, dtype=torch.float32)
     def build_task():
         cache = EncoderCache(gen_dir / "cache", encoders, preset.image_size)
@@ -347,9 +350,9 @@ def train_diffusion_stage(
     barrier()
     if rank != 0:
         cache, task = build_task()
-    if overwrite:  # only now: every input has been checked
-        _remove_run(run_dir)
     model, init_report = _init_model(stage, preset, init, embed_stats, task, cfg.seed)
+    if overwrite:  # only now: every input, the starting weights included, has been checked
+        _remove_run(run_dir)
     identity = {"stage": stage, "preset": preset.name, "model_config": dataclasses.asdict(model.config),
                 "data_sha256": pairs_sha256(pairs, [c.name for c in coarse] if coarse else ()),
                 "loss": config_dict(loss), "encoders_sha256": dict(cache.hashes)}

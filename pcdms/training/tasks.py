@@ -77,7 +77,7 @@ class LossConfig:
             raise ValueError(f"prior_samples must be >= 0, prior_steps >= 1 and prior_guidance >= 0, got "
                              f"{self.prior_samples}, {self.prior_steps}, {self.prior_guidance}")
         if self.global_noise < 0:
-            raise ValueError(f"global_noise must be >= 0, got {self.global_noise}")
+            raise ValueError(f"global_noise (--global-noise) must be >= 0, got {self.global_noise}")
         for name in ("p_joint", "p_extra"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

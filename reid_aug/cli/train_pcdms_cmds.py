@@ -58,7 +58,8 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 
 @main.command("train-pcdms")
 @click.option("--stage", type=click.Choice(STAGES), required=True,
-              help="vae (toy preset's own VAE), prior, inpaint, or refine (needs make-coarse first).")
+              help="vae (the own VAE of presets without a pretrained one: toy, tiny), prior, inpaint, or refine "
+                   "(needs make-coarse first).")
 @click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Market-1501-style dataset root.")
 @click.option("--out", "gen_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
@@ -101,7 +102,7 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 @click.option("--vae", "vae_path", type=click.Path(path_type=Path), default=None,
               help="SD 2.1-base (or bare VAE) folder; default OUT/vae.")
 @click.option("--stand-in-encoders", type=int, default=None, metavar="SEED",
-              help="Random frozen CLIP/DINOv2 stand-ins made with SEED into OUT (toy generator only).")
+              help="Random frozen CLIP/DINOv2 stand-ins made with SEED into OUT (toy and tiny presets; no real encoders).")
 @click.option("--coarse", "coarse_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Refine: folder from make-coarse (default OUT/coarse).")
 @click.option("--resume", default=None, is_flag=False, flag_value="latest",
