@@ -360,14 +360,54 @@ def _plot(path: Path, df: pd.DataFrame, methods, fractions) -> None:
     plt.close(fig)
 
 
+def collect_folder(folder: str | Path) -> pd.DataFrame:
+    """One row per ``metrics.json`` anywhere under ``folder`` (a ``train-bot``/``evaluate`` folder,
+    or any folder of them): ``run`` (its folder relative to ``folder``, "." for ``folder`` itself),
+    the metric columns of :func:`collect_results`, and ``path``; sorted by ``run``. Files under a
+    ``report`` folder are skipped (a report's own output). ReportError when there is none."""
+    folder = Path(folder)
+    rows = []
+    for path in sorted(folder.rglob(METRICS_NAME)):
+        rel = path.parent.relative_to(folder)
+        if "report" in rel.parts:
+            continue
+        rows.append({"run": str(rel), **_read_metrics(path), "path": str(path)})
+    if not rows:
+        raise ReportError(f"{folder}: no {METRICS_NAME} in it or below (an evaluate/train-bot folder or a sweep's "
+                          "RUN_DIR/runs/<method>/frac<F>/seed<S>/ is expected)")
+    return pd.DataFrame(rows)
+
+
+def _flat_markdown(folder: Path, df: pd.DataFrame) -> str:
+    names = [("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"), ("mAP", "mAP"), ("mINP", "mINP"),
+             ("rerank_rank1", "Rank-1 (re-ranked)"), ("rerank_mAP", "mAP (re-ranked)")]
+    shown = [(k, label) for k, label in names if df[k].notna().any()]
+    rows = [[f"`{r['run']}`", *("" if math.isnan(r[k]) else f"{100 * r[k]:.1f}" for k, _ in shown)]
+            for _, r in df.iterrows()]
+    protocols = sorted({str(p) for p in df["protocol"].dropna()})
+    return "\n".join([
+        "# Re-ID results", "", f"Folder `{folder}`: {len(df)} evaluated model(s); metrics in %.", "",
+        _md_table(["Run", *(label for _, label in shown)], rows), "",
+        f"- Evaluation: {'; '.join(protocols) or 'protocol not recorded in metrics.json'}",
+        "- Published figures for comparison: see a sweep's report (Table-2 layout).", ""])
+
+
 def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write the report of ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``).
 
-    Returns ``{"markdown": report.md, "results_csv": results.csv, "table_rank1_csv": table_rank1.csv,
-    "table_map_csv": table_mAP.csv, "latex": table.tex, "plot": curves.png}``, each written atomically.
+    A sweep (``RUN_DIR/runs`` exists) gets the Table-2 report: ``{"markdown": report.md,
+    "results_csv": results.csv, "table_rank1_csv": table_rank1.csv, "table_map_csv": table_mAP.csv,
+    "latex": table.tex, "plot": curves.png}``. Any other folder gets one row per ``metrics.json``
+    found in it or below (:func:`collect_folder`): ``{"markdown", "results_csv"}``. Written atomically.
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    if not (run_dir / "runs").is_dir():
+        flat = collect_folder(run_dir)
+        paths = {"markdown": out / "report.md", "results_csv": out / "results.csv"}
+        write_text_atomic(paths["markdown"], _flat_markdown(run_dir, flat))
+        write_text_atomic(paths["results_csv"], flat.to_csv(index=False))
+        return paths
     df = collect_results(run_dir)
     _, unfinished = scan_cells(run_dir)
     if df.empty:
@@ -392,4 +432,4 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
     return paths
 
 
-__all__ = ["ReportError", "collect_results", "make_report", "scan_cells", "summarize"]
+__all__ = ["ReportError", "collect_folder", "collect_results", "make_report", "scan_cells", "summarize"]

@@ -174,5 +174,34 @@ def test_report_cli_prints_markdown(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| Standard | 32.0 ± 2.8 | 91.0 ± 1.4 |" in result.output
     assert (tmp_path / "cli" / "curves.png").is_file()
-    bad = CliRunner().invoke(main, ["report", str(tmp_path)])
-    assert bad.exit_code != 0 and "no runs folder" in bad.output
+    (tmp_path / "empty").mkdir()
+    bad = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+    assert bad.exit_code != 0 and "no metrics.json in it or below" in bad.output
+
+
+def test_report_on_single_folders(tmp_path):
+    from click.testing import CliRunner
+
+    from reid_aug.cli import main
+
+    one = tmp_path / "bot"
+    one.mkdir()
+    (one / "metrics.json").write_text(json.dumps({"rank1": 0.5, "mAP": 0.25, "mINP": 0.1, "protocol": "market1501"}))
+    result = CliRunner().invoke(main, ["report", str(one)])
+    assert result.exit_code == 0, result.output
+    assert "| `.` | 50.0 | 25.0 | 10.0 |" in result.output and "market1501" in result.output
+    # A folder of evaluated models, one row each; the report's own folder is not read back.
+    _write_cell(tmp_path / "many", "a", 0.2, 0, 0.3, 0.1)
+    (tmp_path / "many" / "b").mkdir()
+    (tmp_path / "many" / "b" / "metrics.json").write_text(json.dumps({"rank1": 0.9, "mAP": 0.8}))
+    (one / "report" / "x").mkdir(parents=True)  # a report's own folder is never read back
+    (one / "report" / "x" / "metrics.json").write_text(json.dumps({"rank1": 0.1, "mAP": 0.1}))
+    assert "1 evaluated model(s)" in make_report(one)["markdown"].read_text()
+    paths = make_report(tmp_path / "many" / "runs" / "a", tmp_path / "out_a")
+    text = paths["markdown"].read_text()
+    assert "| `frac0.2/seed0` | 30.0 | 30.0 | 30.0 | 10.0 | 5.0 |" in text and "1 evaluated model(s)" in text
+    table = pd.read_csv(make_report(tmp_path / "many")["results_csv"])  # has runs/: the Table-2 report
+    assert len(table) == 1
+    with pytest.raises(ReportError, match="'rank1' must be a fraction"):
+        (one / "metrics.json").write_text(json.dumps({"rank1": 50, "mAP": 0.25}))
+        make_report(one)

@@ -19,6 +19,8 @@ def report_cmd(run_dir: Path, out: Path | None) -> None:
 
     Writes report.md, results.csv, table_rank1.csv, table_mAP.csv, table.tex and curves.png,
     then prints the markdown. The paper's published figures are shown in their own block.
+    Any other folder (one evaluate/train-bot folder, or a folder of them): one row per
+    metrics.json found in it or below, as report.md and results.csv.
     """
     try:
         paths = make_report(run_dir, out)
