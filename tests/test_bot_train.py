@@ -94,8 +94,8 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-def _log(out: Path) -> list[dict[str, str]]:
-    with open(out / "log.csv", newline="") as f:
+def _log(out: Path, name: str = "log.csv") -> list[dict[str, str]]:
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -126,6 +126,10 @@ def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch):
     log_a, log_b = _log(tmp_path / "a"), _log(tmp_path / "b")
     assert [r["epoch"] for r in log_b] == ["1", "2", "3", "4"]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    # The per-iteration log: one row per optimizer step, none lost or repeated by the kill and resume.
+    iters_a, iters_b = (_log(d, bot_train.ITER_LOG_NAME) for d in (tmp_path / "a", tmp_path / "b"))
+    assert iters_a == iters_b and [int(r["iteration"]) for r in iters_a] == list(range(1, 9))
+    assert iters_a[-1]["epoch"] == "4" and float(iters_a[-1]["loss"]) > 0
     assert [float(r["lr"]) for r in log_a] == pytest.approx([3.5e-4 * f for f in (0.505, 1.0, 0.1, 0.1)])
     assert straight == tmp_path / "a" / "model" and resumed == tmp_path / "b" / "model"
 

@@ -64,6 +64,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
 MODEL_DIRNAME = "model"
 LOG_COLUMNS = ("epoch", "iteration", "loss", "loss_id", "loss_triplet", "loss_center", "acc", "lr", "seconds", "images_per_s")
+ITER_LOG_NAME = "log_iterations.csv"  # one row per optimizer step (written with each epoch's checkpoint)
+ITER_LOG_COLUMNS = ("epoch", "iteration", "loss", "loss_id", "loss_triplet", "loss_center", "acc", "lr")
 # Fields that may change between a run and its resume without changing what is computed.
 _RESUMABLE_FIELDS = ("epochs", "log_every", "num_workers", "keep_checkpoint")
 
@@ -163,9 +165,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank, 0xB07]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _write_log(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def _write_log(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = LOG_COLUMNS) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
@@ -336,6 +338,8 @@ def train_bot(
             _set_rng_state(ckpt["rng"])
             start_epoch, iteration = ckpt["epoch"], ckpt["iteration"]
         log_rows = _read_log(log_path, start_epoch) if start_epoch else []
+        iter_log_path = out_dir / ITER_LOG_NAME
+        iter_rows = _read_log(iter_log_path, start_epoch) if start_epoch else []
         net = model
         if world > 1:
             net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -347,6 +351,7 @@ def train_bot(
             lr = optimizer.param_groups[0]["lr"]
             net.train()
             sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, id, triplet, center, acc
+            steps = []  # per iteration, the same five; read back once per epoch (no per-step GPU sync)
             start = time.perf_counter()
             bar = tqdm(batches, desc=f"BoT epoch {epoch + 1}/{cfg.epochs}", unit="it", disable=not show, leave=False)
             for it, batch in enumerate(bar):
@@ -381,7 +386,9 @@ def train_bot(
                 scaler.update()
 
                 acc = (logits.detach().argmax(1) == y).double().mean()
-                sums += torch.stack([loss.detach(), loss_id.detach(), loss_tri.detach(), loss_center.detach(), acc]).double()
+                step = torch.stack([loss.detach(), loss_id.detach(), loss_tri.detach(), loss_center.detach(), acc]).double()
+                sums += step
+                steps.append(step)
                 if show and (it + 1) % cfg.log_every == 0:
                     mean = (sums / (it + 1)).tolist()
                     bar.set_postfix(loss=f"{mean[0]:.3f}", acc=f"{mean[4]:.3f}", lr=f"{lr:.2e}")
@@ -389,6 +396,10 @@ def train_bot(
             if cuda:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
+            if steps:  # this rank's values (rank 0 writes them)
+                for i, values in enumerate(torch.stack(steps).cpu().tolist()):
+                    iter_rows.append({"epoch": epoch + 1, "iteration": iteration + i + 1, "lr": f"{lr:.6g}",
+                                      **{k: f"{v:.6f}" for k, v in zip(ITER_LOG_COLUMNS[2:7], values)}})
             iteration += len(batches)
             if world > 1:  # log the mean over all ranks, not rank 0's share
                 dist.all_reduce(sums)
@@ -418,6 +429,7 @@ def train_bot(
                 with atomic_path(ckpt_path) as tmp:
                     torch.save(state, tmp)
                 _write_log(log_path, log_rows)  # after the checkpoint: a row never outlives its epoch
+                _write_log(iter_log_path, iter_rows, ITER_LOG_COLUMNS)
                 if show:
                     row = log_rows[-1]
                     tqdm.write(
