@@ -2,8 +2,9 @@
 
 Random features stand in for a model's (the ranking metrics' cost does not depend on how
 good the ranking is); pids/camids mimic Market's test split: 750 identities over 6
-cameras, ~2,800 distractors (pid 0) in the gallery. Appends one row per timed step to
-benchmarks/RESULTS.md (median of --repeats runs).
+cameras, ~2,800 distractors (pid 0) in the gallery. Also times numpy's
+``np.argsort(distmat, axis=1)`` of the same matrix for reference. Appends one row per timed
+step to benchmarks/RESULTS.md (median of --repeats runs).
 
     python benchmarks/bench_evaluate.py [--threads 1] [--repeats 3] [--device cpu] [--rerank]
 """
@@ -60,10 +61,15 @@ def main() -> None:
 
     distmat, t_dist = timed(lambda: compute_distmat(q_feats, g_feats, "cosine"))
     metrics, t_rank = timed(lambda: evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=50))
+    # Reference point: numpy's (unstable, single-threaded) argsort of every row, torchreid's first step.
+    dist_np = distmat.cpu().numpy()
+    _, t_argsort = timed(lambda: np.argsort(dist_np, axis=1))
     settings = f"{NUM_Q}x{NUM_G}, D={DIM}, {NUM_DISTRACTORS} distractors, median of {args.repeats}"
     results = [
         ("bench_evaluate compute_distmat (cosine)", f"{t_dist:.3f} s", settings),
         ("bench_evaluate evaluate_rank", f"{t_rank:.2f} s", f"{settings}, max_rank 50, chunk 128, ranking on {device.type}"),
+        ("bench_evaluate np.argsort(distmat, axis=1) (reference)", f"{t_argsort:.2f} s",
+         f"{settings}, float32, numpy {np.__version__} default kind, 1 thread"),
     ]
     if args.rerank:
         from reid_aug.rerank import re_ranking

@@ -11,9 +11,9 @@ mINP (Ye et al., "Deep Learning for Person Re-identification: A Survey and
 Outlook", TPAMI 2021): per query, INP = |correct matches| / (rank of the
 hardest correct match), averaged over valid queries.
 
-The ranking code is vectorised in torch over chunks of queries, so the full
-Market size (3,368 x 15,913) takes seconds on one CPU core instead of the
-minutes of a per-query Python loop.
+The ranking code is vectorised over chunks of queries and never argsorts a row:
+it finds the rank of each correct match directly (:func:`_hit_ranks`), so the
+full Market size (3,368 x 15,913) takes ~0.3 s on two CPU cores.
 """
 
 from __future__ import annotations
@@ -46,6 +46,66 @@ def _as_tensor_1d(values: Any, name: str, length: int) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def _sorted_rows(d: torch.Tensor) -> torch.Tensor:
+    """Each row of ``d`` sorted ascending, values only (so the sort need not be stable).
+
+    On CPU numpy's sort (SIMD-vectorised on x86, ~10x torch's) on float32/float64; other float
+    dtypes are widened to float32 first, which keeps their order and their ties exactly.
+    """
+    if d.device.type != "cpu":
+        return torch.sort(d, dim=1).values
+    if d.dtype not in (torch.float32, torch.float64):
+        d = d.float()
+    return torch.from_numpy(np.sort(d.numpy(), axis=1))
+
+
+def _hit_ranks(d: torch.Tensor, good: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """0-based ranks of the correct matches ("hits") of each row, in its ranking without the removed entries.
+
+    ``d`` (c, G) distances; ``good`` / ``removed`` (c, G) masks of the hits and of the removed
+    (same pid, same camera) entries; every row has a hit. Returns (c, H) int64, H = most hits
+    in a row, each row ascending, padded with G.
+
+    Ranking = a stable sort of the row, so the rank of hit h among all G entries is
+    #{j: d_j < d_h} + #{j < h: d_j == d_h}. The first term is a binary search of d_h in the
+    row sorted by value (no indices needed), the second is counted directly for the few hits
+    whose distance occurs more than once in the row; removed entries ahead of the hit, by the
+    same rule, are then subtracted. This costs one value sort per row plus O(hits x log G),
+    instead of a stable argsort and gathers over the whole row.
+    """
+    num_rows, num_g = d.shape
+    num_rel = good.sum(1)
+    rows, cols = good.nonzero(as_tuple=True)  # row-major: a row's hits in gallery order
+    slot = torch.arange(len(rows), device=d.device) - (torch.cumsum(num_rel, 0) - num_rel)[rows]
+    hit_d = torch.full((num_rows, int(num_rel.max())), float("inf"), dtype=d.dtype, device=d.device)
+    hit_d[rows, slot] = d[rows, cols]
+    hit_j = torch.full(hit_d.shape, num_g, dtype=torch.int64, device=d.device)
+    hit_j[rows, slot] = cols
+
+    srt = _sorted_rows(d)
+    hit_s = hit_d.to(srt.dtype)
+    ranks = torch.searchsorted(srt, hit_s)  # entries strictly closer than the hit
+    num_equal = torch.searchsorted(srt, hit_s, right=True) - ranks  # includes the hit itself
+    # The loops below work in blocks that keep memory within a few (c, G) arrays, whatever the data.
+    # Stable ties: equal distances earlier in the gallery rank ahead.
+    tie_r, tie_k = (num_equal > 1).nonzero(as_tuple=True)
+    col = torch.arange(num_g, device=d.device)
+    for i in range(0, len(tie_r), num_rows):
+        r, k = tie_r[i:i + num_rows], tie_k[i:i + num_rows]
+        ahead = (d[r] == hit_d[r, k, None]) & (col < hit_j[r, k, None])
+        ranks[r, k] += ahead.sum(1)
+    # Removed entries (a few per row) that rank ahead of a hit do not count.
+    rem_r, rem_j = removed.nonzero(as_tuple=True)
+    step = num_rows * num_g // hit_d.shape[1]  # (step, H) comparisons at once
+    for i in range(0, len(rem_r), step):
+        r, j = rem_r[i:i + step], rem_j[i:i + step, None]
+        rem_d = d[r, j[:, 0], None]
+        ahead = (rem_d < hit_d[r]) | ((rem_d == hit_d[r]) & (j < hit_j[r]))
+        ranks.index_add_(0, r, -ahead.long())
+    ranks.masked_fill_(hit_j == num_g, num_g)  # padding slots
+    return torch.sort(ranks, dim=1).values
+
+
 def evaluate_rank(
     distmat: np.ndarray | torch.Tensor,
     q_pids: Sequence[int] | np.ndarray | torch.Tensor,
@@ -61,7 +121,7 @@ def evaluate_rank(
         distmat: (Q, G) distances, smaller = more similar; NaN is an error.
         q_pids, q_camids: (Q,) integer ids of the queries; g_pids, g_camids: (G,).
         max_rank: length of the returned CMC curve; clamped to G (as torchreid does).
-        chunk_size: queries ranked at once; bounds memory at ~50 bytes x chunk_size x G.
+        chunk_size: queries ranked at once; bounds memory at ~20 bytes x chunk_size x G.
 
     Returns a dict of fractions in [0, 1]: ``cmc`` (np.float64 array of length
     ``min(max_rank, G)``, ``cmc[k-1]`` = Rank-k), ``mAP``, ``mINP``, ``rank1``,
@@ -76,6 +136,14 @@ def evaluate_rank(
     rounding; torchreid 0.2.5 has no mINP).
     A row whose valid ranking is shorter than ``max_rank`` (tiny galleries) counts
     as matched at every rank past its end; torchreid fails on such ragged rows.
+
+    Method: the metrics need only the 0-based rank of each correct match in the
+    ranking without the removed entries: CMC counts each valid query's first
+    one, AP = mean over its matches of (k-th match) / (rank + 1), INP = matches /
+    (last match's rank + 1). Those ranks come from a value-only sort of each row
+    plus a binary search per match (ties and removals counted exactly), which
+    gives the same figures as the stable-argsort loop of torchreid's
+    ``eval_market1501`` at a fraction of its cost.
     """
     dist = distmat if isinstance(distmat, torch.Tensor) else torch.as_tensor(np.asarray(distmat))
     if dist.dim() != 2:
@@ -105,27 +173,22 @@ def evaluate_rank(
     num_valid = 0
     for start in range(0, num_q, chunk_size):
         stop = min(start + chunk_size, num_q)
-        order = torch.sort(dist[start:stop], dim=1, stable=True).indices  # (c, G)
-        match = g_pids_t[order] == q_pids_t[start:stop, None]
-        same_cam = match & (g_cams_t[order] == q_cams_t[start:stop, None])
-        good = match & ~same_cam  # correct matches that survive the removal
-        num_rel = good.sum(1)
-        valid = num_rel > 0
+        match = g_pids_t[None, :] == q_pids_t[start:stop, None]
+        removed = match & (g_cams_t[None, :] == q_cams_t[start:stop, None])
+        good = match & ~removed  # correct matches that survive the removal
+        valid = good.any(1)
         if not bool(valid.any()):
             continue
-        good, same_cam, num_rel = good[valid], same_cam[valid], num_rel[valid]
-        # Rank of each entry in the ranking with the removed entries taken out (0-based).
-        pos = torch.cumsum(~same_cam, dim=1) - 1
-        rows, cols = good.nonzero(as_tuple=True)  # row-major: hits of a row in rank order
-        hit_pos = pos[rows, cols]
-        hit_ordinal = torch.cumsum(good, dim=1)[rows, cols]  # this is the k-th hit of its row
-        # AP = mean over hits of precision at the hit's rank.
-        prec = hit_ordinal.double() / (hit_pos + 1).double()
-        ap = torch.zeros(len(num_rel), dtype=torch.float64, device=dist.device).index_add_(0, rows, prec) / num_rel.double()
-        first = torch.full_like(num_rel, num_g).scatter_reduce_(0, rows, hit_pos, "amin")
-        last = torch.full_like(num_rel, -1).scatter_reduce_(0, rows, hit_pos, "amax")
+        d, good, removed = dist[start:stop][valid], good[valid], removed[valid]
+        ranks = _hit_ranks(d, good, removed)  # (c, H): 0-based ranks of each row's hits, ascending
+        num_rel = good.sum(1)
+        ordinal = torch.arange(1, ranks.shape[1] + 1, device=dist.device)  # the k-th hit of its row
+        # AP = mean over hits of precision at the hit's rank (padding slots contribute 0).
+        prec = torch.where(ordinal <= num_rel[:, None], ordinal.double() / (ranks + 1).double(), 0.0)
+        ap = prec.sum(1) / num_rel.double()
+        last = ranks.gather(1, (num_rel - 1)[:, None])[:, 0]
         inp = num_rel.double() / (last + 1).double()
-        first_hits += torch.bincount(first, minlength=num_g)
+        first_hits += torch.bincount(ranks[:, 0], minlength=num_g)
         ap_sum += float(ap.sum())
         inp_sum += float(inp.sum())
         num_valid += int(valid.sum())

@@ -118,6 +118,82 @@ def test_matches_reference_loop_and_chunking(ties):
         assert 0.0 <= r["mINP"] <= r["mAP"] <= 1.0
 
 
+def _sort_based_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk_size=128):
+    """The former ``evaluate_rank``: a stable argsort of every row, then masks in rank order.
+
+    Kept as the reference the faster per-hit ranking must reproduce exactly.
+    """
+    dist = torch.as_tensor(distmat)
+    dist = dist if dist.dtype.is_floating_point else dist.double()
+    q_pids, g_pids, q_camids, g_camids = (torch.as_tensor(np.asarray(x)).long()
+                                          for x in (q_pids, g_pids, q_camids, g_camids))
+    num_q, num_g = dist.shape
+    first_hits = torch.zeros(num_g, dtype=torch.int64)
+    ap_sum = inp_sum = 0.0
+    num_valid = 0
+    for start in range(0, num_q, chunk_size):
+        stop = min(start + chunk_size, num_q)
+        order = torch.sort(dist[start:stop], dim=1, stable=True).indices
+        match = g_pids[order] == q_pids[start:stop, None]
+        same_cam = match & (g_camids[order] == q_camids[start:stop, None])
+        good = match & ~same_cam
+        num_rel = good.sum(1)
+        valid = num_rel > 0
+        if not bool(valid.any()):
+            continue
+        good, same_cam, num_rel = good[valid], same_cam[valid], num_rel[valid]
+        pos = torch.cumsum(~same_cam, dim=1) - 1
+        rows, cols = good.nonzero(as_tuple=True)
+        hit_pos = pos[rows, cols]
+        hit_ordinal = torch.cumsum(good, dim=1)[rows, cols]
+        prec = hit_ordinal.double() / (hit_pos + 1).double()
+        ap = torch.zeros(len(num_rel), dtype=torch.float64).index_add_(0, rows, prec) / num_rel.double()
+        first = torch.full_like(num_rel, num_g).scatter_reduce_(0, rows, hit_pos, "amin")
+        last = torch.full_like(num_rel, -1).scatter_reduce_(0, rows, hit_pos, "amax")
+        first_hits += torch.bincount(first, minlength=num_g)
+        ap_sum += float(ap.sum())
+        inp_sum += float((num_rel.double() / (last + 1).double()).sum())
+        num_valid += int(valid.sum())
+    if num_valid == 0:
+        return {"num_valid_queries": 0}
+    cum = torch.cumsum(first_hits, 0).double() / num_valid
+    return {"cmc": cum[: min(max_rank, num_g)].numpy(), "mAP": ap_sum / num_valid, "mINP": inp_sum / num_valid,
+            "rank1": float(cum[0]), "rank5": float(cum[min(5, num_g) - 1]), "rank10": float(cum[min(10, num_g) - 1]),
+            "num_valid_queries": num_valid}
+
+
+def test_identical_to_sort_based_ranking_with_ties():
+    """Random cases full of ties (few distinct values), same-camera matches, distractors, queries
+    without a valid match and galleries shorter than max_rank: every figure equals the stable-sort one."""
+    rng = np.random.default_rng(12)
+    for case in range(60):
+        num_q, num_g = int(rng.integers(1, 40)), int(rng.integers(1, 120 if case % 3 else 12))
+        num_pids = int(rng.integers(1, 8))
+        q_pids = rng.integers(0, num_pids, num_q)
+        g_pids = rng.integers(0, num_pids + 2, num_g)  # 0: distractors; num_pids+1: never queried
+        q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+        dist = rng.integers(0, int(rng.integers(1, 6)), (num_q, num_g))  # integer distances: many ties
+        if case % 4 == 1:
+            dist = dist.astype(np.float32)
+        elif case % 4 == 2:
+            dist = torch.from_numpy(dist).half()
+        elif case % 4 == 3:
+            dist = dist / 7.0  # float64
+        ref = _sort_based_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+        if ref["num_valid_queries"] == 0:
+            with pytest.raises(ValueError, match="no query has a correct match"):
+                evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20)
+            continue
+        for chunk in (1, 7, 128):
+            ours = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk_size=chunk)
+            assert ours["num_valid_queries"] == ref["num_valid_queries"]
+            np.testing.assert_array_equal(ours["cmc"], ref["cmc"])
+            for key in ("rank1", "rank5", "rank10"):
+                assert ours[key] == ref[key]
+            assert ours["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)
+            assert ours["mINP"] == pytest.approx(ref["mINP"], abs=1e-12)
+
+
 def test_max_rank_clamped_to_gallery_size():
     r = evaluate_rank(np.array([[0.3, 0.1, 0.2]]), np.array([1]), np.array([2, 1, 3]), np.array([0]), np.array([1, 1, 1]))
     assert len(r["cmc"]) == 3 and r["rank10"] == 1.0
