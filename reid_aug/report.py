@@ -230,14 +230,19 @@ def _protocol_lines(run_dir: Path, df: pd.DataFrame, manifest: dict[str, Any] | 
                 rest = {k: v for k, v in m.items() if k != "name"}
                 lines.append(f"- Method `{m.get('name')}`: " + ", ".join(_flatten(rest)))
         lines.append(f"- Created {manifest.get('created')}, git commit {manifest.get('git_commit')}")
+    return lines + _evaluation_lines(df)
+
+
+def _evaluation_lines(df: pd.DataFrame, rerank_shown: str = "tables show the plain ranking") -> list[str]:
+    """How the rows of ``df`` were evaluated (protocol, distance, flip, re-ranking), and a warning if mixed."""
     protocols = sorted({str(p) for p in df["protocol"].dropna()})
     distances = sorted({str(p) for p in df["distance"].dropna()})
     flips = sorted({str(p) for p in df["flip"].dropna()})
-    lines.append(f"- Evaluation: {'; '.join(protocols) or 'protocol not recorded in metrics.json'}"
-                 + (f"; distance {', '.join(distances)}" if distances else "")
-                 + (f"; flip-averaged features {', '.join(flips)}" if flips else "")
-                 + f"; re-ranked results {'also computed' if df['rerank_rank1'].notna().any() else 'not computed'}"
-                 " (tables show the plain ranking)")
+    lines = [f"- Evaluation: {'; '.join(protocols) or 'protocol not recorded in metrics.json'}"
+             + (f"; distance {', '.join(distances)}" if distances else "")
+             + (f"; flip-averaged features {', '.join(flips)}" if flips else "")
+             + f"; re-ranked results {'also computed' if df['rerank_rank1'].notna().any() else 'not computed'}"
+             f" ({rerank_shown})"]
     if len(protocols) > 1:
         lines.append("- **Warning**: cells were evaluated under different protocols; the table mixes them.")
     return lines
@@ -384,11 +389,10 @@ def _flat_markdown(folder: Path, df: pd.DataFrame) -> str:
     shown = [(k, label) for k, label in names if df[k].notna().any()]
     rows = [[f"`{r['run']}`", *("" if math.isnan(r[k]) else f"{100 * r[k]:.1f}" for k, _ in shown)]
             for _, r in df.iterrows()]
-    protocols = sorted({str(p) for p in df["protocol"].dropna()})
     return "\n".join([
         "# Re-ID results", "", f"Folder `{folder}`: {len(df)} evaluated model(s); metrics in %.", "",
         _md_table(["Run", *(label for _, label in shown)], rows), "",
-        f"- Evaluation: {'; '.join(protocols) or 'protocol not recorded in metrics.json'}",
+        *_evaluation_lines(df, "in their own columns when computed"),
         "- Published figures for comparison: see a sweep's report (Table-2 layout).", ""])
 
 

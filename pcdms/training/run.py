@@ -246,17 +246,17 @@ def _init_model(stage: str, preset, init, embed_stats, task, seed: int):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_stage(stage, config, preset.name)
-    report = {"init": "random"}
-    # A pcdms generator folder (stage folders hold model.safetensors; Kandinsky's prior/ holds diffusers files).
-    if init is not None and (Path(init) / stage / "model.safetensors").is_file() and not (Path(init) / "config.json").is_file():
-        raise ValueError(f"--init {init} is a whole generator folder; give its stage: --init {Path(init) / stage}")
-    if init is not None and (Path(init) / "config.json").is_file() and (Path(init) / "model.safetensors").is_file():
-        report = {"init": str(init), "init_sha256": folder_sha256(init), "kept_init": []}
+    if init is None:
+        return model, {"init": "random"}
+    init = Path(init)
+    if (init / "config.json").is_file() and (init / "model.safetensors").is_file():  # a pcdms stage folder
         _init_from_stage_folder(model, stage, init)
-    elif init is not None:
-        got = (init_prior_from_kandinsky(model, init) if stage == "prior" else init_from_stable_diffusion(model, init))
-        report = {"init": str(init), "kept_init": got["kept_init"]}
-    return model, report
+        return model, {"init": str(init), "init_sha256": folder_sha256(init), "kept_init": []}
+    # A pcdms generator folder (its stage folders hold model.safetensors; Kandinsky's prior/ holds diffusers files).
+    if (init / stage / "model.safetensors").is_file():
+        raise ValueError(f"--init {init} is a whole generator folder; give its stage: --init {init / stage}")
+    got = init_prior_from_kandinsky(model, init) if stage == "prior" else init_from_stable_diffusion(model, init)
+    return model, {"init": str(init), "kept_init": got["kept_init"]}
 
 
 def _init_from_stage_folder(model, stage: str, folder) -> None:

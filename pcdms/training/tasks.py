@@ -199,7 +199,11 @@ class InpaintTask(_DiffusionTask):
         self.masked_latent = cache.get_indexed("masked_latent", src, progress)
         self.dino = cache.get_indexed("dino", src, progress)
         self.target_clip = cache.get_indexed("clip", tgt, progress)
-        self.global_std = self.target_clip.all().std(0) if len(pairs) > 1 else None  # for loss.global_noise
+        self.global_std = None  # (D,) for loss.global_noise
+        if loss.global_noise:
+            if len(pairs) < 2:
+                raise ValueError("global_noise needs at least 2 training pairs (the per-dimension std)")
+            self.global_std = self.target_clip.all().std(0)
         self.keypoints = [p.keypoints() for p in pairs]
         self.global_samples = None  # (M, S, D): loss.prior_samples stage-1 embeddings per pair
         if loss.prior_samples:
@@ -238,8 +242,6 @@ class InpaintTask(_DiffusionTask):
         if self.loss_cfg.prior_samples:  # (B, S, D): this step's pick of each pair's stage-1 samples
             global_embed = global_embed[torch.arange(len(global_embed)), draws["global_pick"].to(global_embed.device)]
         if self.loss_cfg.global_noise:
-            if self.global_std is None:
-                raise ValueError("global_noise needs at least 2 training pairs (the per-dimension std)")
             scale = self.loss_cfg.global_noise * self.global_std.to(global_embed)
             global_embed = global_embed + scale * draws["global_noise"].to(global_embed)
         dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], global_embed, masks=draws["masks"].T)

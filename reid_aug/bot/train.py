@@ -180,6 +180,14 @@ def _read_log(path: Path, upto_epoch: int) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
 
+def _class_labels(cfg: BotConfig, real: Sequence[ImageRecord], synthetic: Sequence[ImageRecord]):
+    """``(pid2label, labels)``: the class of every real then synthetic image, (N,) int64;
+    ValueError for a synthetic identity outside the real set or a share without synthetic images."""
+    pid2label = label_map(real)
+    labels = torch.tensor([pid2label[r.pid] for r in real] + _synthetic_labels(synthetic, pid2label))
+    if cfg.synthetic_share is not None and not synthetic:
+        raise ValueError(f"synthetic_share is {cfg.synthetic_share} but no synthetic images were given")
+    return pid2label, labels
 
 
 def make_samplers(cfg: BotConfig, labels: torch.Tensor, num_real: int, rank: int = 0, world: int = 1):
@@ -217,10 +225,7 @@ def training_plan(cfg: BotConfig, train_records: Sequence[ImageRecord],
     """What :func:`train_bot` would do, without training: image and identity counts and the
     iterations of every epoch (the samplers' exact epoch lengths). Raises ValueError as it would."""
     real, synthetic = list(train_records), list(synthetic_records)
-    pid2label = label_map(real)
-    labels = torch.tensor([pid2label[r.pid] for r in real] + _synthetic_labels(synthetic, pid2label))
-    if cfg.synthetic_share is not None and not synthetic:
-        raise ValueError(f"synthetic_share is {cfg.synthetic_share} but no synthetic images were given")
+    pid2label, labels = _class_labels(cfg, real, synthetic)
     samplers = make_samplers(cfg, labels, len(real))
     per_epoch = [len(epoch_batches(*samplers, epoch, len(real))) for epoch in range(cfg.epochs)]
     return {"real_images": len(real), "identities": len(pid2label), "synthetic_images": len(synthetic),
@@ -269,11 +274,8 @@ def train_bot(
     """
     out_dir = Path(out_dir)
     real, synthetic = list(train_records), list(synthetic_records)
-    pid2label = label_map(real)
+    pid2label, labels = _class_labels(cfg, real, synthetic)
     pids = sorted(pid2label)
-    labels = torch.tensor([pid2label[r.pid] for r in real] + _synthetic_labels(synthetic, pid2label))
-    if cfg.synthetic_share is not None and not synthetic:
-        raise ValueError(f"synthetic_share is {cfg.synthetic_share} but no synthetic images were given")
     fingerprint = _fingerprint(cfg, real, synthetic)
     model_dir = out_dir / MODEL_DIRNAME
     if resume and _finished(out_dir, fingerprint, cfg.epochs):
