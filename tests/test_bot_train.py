@@ -235,3 +235,129 @@ def test_epoch_steps_real_gives_augmented_runs_the_standard_step_count(market, t
     assert iterations["all"] > iterations["standard"] == iterations["real"] > 0
     with pytest.raises(ValueError, match="epoch_steps"):
         BotConfig(epoch_steps="some")
+
+
+class _TinyBot(torch.nn.Module):
+    """A linear 'backbone' and classifier returning ``(logits, feat)`` like the BoT model."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.classifier = torch.nn.Linear(12, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        feat = self.backbone(x)
+        return self.classifier(feat), feat
+
+
+def _bot_losses_and_grads(images: torch.Tensor, labels: torch.Tensor, ddp: bool):
+    """BoT's three losses combined as the training loop combines them; the losses and all gradients."""
+    from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss, gather_batch
+
+    torch.manual_seed(0)
+    model, center = _TinyBot(), CenterLoss(3, 6)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    logits, feat = net(images)
+    feat_all, y_all = gather_batch(feat, labels)
+    loss_id = CrossEntropyLabelSmooth(3)(logits, labels)
+    loss_tri, loss_center = TripletLoss(0.3)(feat_all, y_all), center(feat_all, y_all)
+    (loss_id + loss_tri + 5e-4 * loss_center).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads["centers"] = center.centers.grad.clone()
+    return [loss_tri.item(), loss_center.item()], grads
+
+
+def _bot_ddp_worker(rank: int, world: int, pg_file: str, feats, labels, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=world)
+    try:
+        per_rank = len(labels) // world
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        losses, grads = _bot_losses_and_grads(feats[part], labels[part], ddp=True)
+        torch.save({"losses": losses, "grads": grads}, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_mine_triplets_over_the_global_batch(tmp_path):
+    """Global batch 8 with K = 4 on 2 ranks: each rank holds one identity (no negatives of its own).
+
+    With the features gathered across ranks, the triplet and center losses and every gradient (backbone,
+    classifier, centers) after DDP's averaging equal one process's on the whole batch.
+    """
+    feats = torch.randn(8, 12, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2])
+    one_losses, one_grads = _bot_losses_and_grads(feats, labels, ddp=False)
+    out = str(tmp_path / "ddp")
+    torch.multiprocessing.spawn(_bot_ddp_worker, args=(2, str(tmp_path / "pg"), feats, labels, out), nprocs=2,
+                                join=True)
+    for rank in (0, 1):
+        two = torch.load(f"{out}.rank{rank}", weights_only=True)
+        assert two["losses"] == pytest.approx(one_losses, rel=1e-5)
+        assert one_losses[0] > 0  # there are negatives to mine: a per-rank triplet would see none
+        for name, grad in one_grads.items():
+            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _train_bot_ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cfg = dataclasses.replace(TINY, epochs=1, amp=False, num_workers=0, keep_checkpoint=False)
+    train_bot(cfg, list(read_market(Path(root)).train), Path(out), device="cpu", progress=False)
+
+
+def test_train_bot_under_two_gloo_processes(market, tmp_path):
+    """The loop under DDP (as torchrun starts it): batch 8, K 4, so each rank holds a single identity;
+    the gathered triplet loss still has negatives, and rank 0 writes the model."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_train_bot_ddp_worker, args=(2, port, str(market), str(tmp_path / "run")),
+                                nprocs=2, join=True)
+    (row,) = _log(tmp_path / "run")
+    assert float(row["loss_triplet"]) > 0.0
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["world_size"] == 2
+    load_bot(tmp_path / "run" / "model")
+
+
+def _scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_events_survive_a_kill_without_duplicates(market, tmp_path, monkeypatch):
+    """Killed while saving epoch 3's checkpoint (after that epoch's events were written): the resumed run's
+    events equal an uninterrupted run's, one value per iteration (the interrupted epoch's are purged)."""
+    pytest.importorskip("tensorboard")  # the test extra installs it; the package itself does not need it
+    records = list(read_market(market).train)
+    train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False, tensorboard=True)
+    real_rng_state, calls = bot_train._rng_state, {"n": 0}
+
+    def killed_at_checkpoint_3():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed
+        return real_rng_state()
+
+    monkeypatch.setattr(bot_train, "_rng_state", killed_at_checkpoint_3)
+    with pytest.raises(_Killed):
+        train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False, tensorboard=True)
+    assert [s for s, _ in _scalars(tmp_path / "b", "train/loss")] == list(range(1, 7))  # epoch 3 was written
+    monkeypatch.setattr(bot_train, "_rng_state", real_rng_state)
+    train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False, tensorboard=True)
+    a, b = _scalars(tmp_path / "a", "train/loss"), _scalars(tmp_path / "b", "train/loss")
+    assert [s for s, _ in b] == list(range(1, 9)) and a == b
+    assert [v for _, v in b] == pytest.approx([float(r["loss"]) for r in _log(tmp_path / "b", "log_iterations.csv")])
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["tensorboard"] is True
+    train_bot(dataclasses.replace(TINY, epochs=1), records, tmp_path / "c", device="cpu", progress=False,
+              tensorboard=False)
+    assert not (tmp_path / "c" / "tensorboard").exists()

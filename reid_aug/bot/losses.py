@@ -9,8 +9,10 @@ under autocast, because distances of 2048-d features overflow float16.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_gather
 
 
 class CrossEntropyLabelSmooth(nn.Module):
@@ -94,3 +96,20 @@ class CenterLoss(nn.Module):
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         d2 = (feats.float() - self.centers[labels]).pow(2).sum(1)
         return d2.clamp(1e-12, 1e12).mean()
+
+
+def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch ``(world * B, D), (world * B,)`` from every DDP rank's ``(B, D), (B,)``, rank order.
+
+    Metric losses need the whole batch: with DDP each rank holds ``P / world`` identities, so mining
+    triplets per rank finds fewer (or no) negatives, and a rank with one identity has none at all.
+    fast-reid gathers for the same reason. The gather is differentiable (``torch.distributed.nn``):
+    every rank computes the same global loss and sends each other rank the gradient for its features,
+    so after DDP's gradient averaging the update equals one process's on the whole batch
+    (``W`` ranks x ``1/W`` average). Without a process group it returns its inputs.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return feats, labels
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels.contiguous())
+    return torch.cat(all_gather(feats.contiguous())), torch.cat(all_labels)

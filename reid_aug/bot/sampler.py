@@ -30,7 +30,7 @@ class RandomIdentitySampler:
         num_instances: K, images per identity in a batch.
         seed: base seed; ``stream`` separates independent samplers that share it.
         rank, world_size: DDP rank takes the ``rank``-th contiguous slice of every batch
-            (``P / world_size`` whole identities, so per-rank triplet mining still works).
+            (``P / world_size`` whole identities; the metric losses gather the global batch anyway).
     """
 
     def __init__(

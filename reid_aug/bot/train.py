@@ -26,7 +26,8 @@ where an uninterrupted run ends.
 
 Several GPUs: launch the same command with ``torchrun --nproc_per_node N``;
 ``batch_size`` stays the global batch (each rank gets whole identities of it),
-rank 0 writes every file.
+the triplet and center losses see the whole global batch (features gathered
+across ranks, as fast-reid does), and rank 0 writes every file.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 from pcdms.io import atomic_path, sha256_file, write_text_atomic
 from reid_aug.bot.config import BotConfig, lr_factor
 from reid_aug.bot.data import augment_batch, default_num_workers, load_images
-from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss
+from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss, gather_batch
 from reid_aug.bot.model import WEIGHTS_NAME, build_bot, load_bot, save_bot
 from reid_aug.bot.sampler import RandomIdentitySampler, mixed_epoch_batches
 from reid_aug.data.market import ImageRecord
@@ -260,6 +261,7 @@ def train_bot(
     sources: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    tensorboard: bool | None = None,
 ) -> Path:
     """Train BoT on ``train_records`` (+ ``synthetic_records``); return the final model folder.
 
@@ -270,7 +272,10 @@ def train_bot(
     this run's final model; otherwise start over. ``sources``: inputs to record in the
     manifest (dataset root, subset file ...). ``cache_dir``: where decoded images are
     cached (:func:`reid_aug.bot.data.load_images`); None decodes without caching.
-    ``device``: None picks CUDA when available.
+    ``device``: None picks CUDA when available. ``tensorboard``: also write the per-iteration
+    and per-epoch values as TensorBoard events to ``out_dir/tensorboard`` (None: when the
+    ``tensorboard`` package is installed, the ``reid-aug[tensorboard]`` extra; True: raise
+    ImportError without it). A resumed run purges the events of the interrupted epoch.
     """
     out_dir = Path(out_dir)
     real, synthetic = list(train_records), list(synthetic_records)
@@ -284,6 +289,7 @@ def train_bot(
     rank, world, device, own_group = _setup_distributed(device)
     is_main, cuda = rank == 0, device.type == "cuda"
     show = progress and is_main
+    writer = None
     try:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -342,6 +348,8 @@ def train_bot(
         log_rows = _read_log(log_path, start_epoch) if start_epoch else []
         iter_log_path = out_dir / ITER_LOG_NAME
         iter_rows = _read_log(iter_log_path, start_epoch) if start_epoch else []
+        if is_main:
+            writer = _tensorboard_writer(out_dir, tensorboard, purge_step=iteration + 1 if start_epoch else None)
         net = model
         if world > 1:
             net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
@@ -367,9 +375,10 @@ def train_bot(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                     logits, feat = net(x)
-                loss_id = xent(logits, y)
-                loss_tri = triplet(feat, y)
-                loss_center = center(feat, y) if center is not None else torch.zeros((), device=device)
+                loss_id = xent(logits, y)  # DDP averages its gradient over ranks: the global mean
+                feat_all, y_all = gather_batch(feat, y)  # triplets and centers over the global batch
+                loss_tri = triplet(feat_all, y_all)
+                loss_center = center(feat_all, y_all) if center is not None else torch.zeros((), device=device)
                 loss = loss_id + loss_tri + cfg.center_loss_weight * loss_center
 
                 optimizer.zero_grad(set_to_none=True)
@@ -379,10 +388,9 @@ def train_bot(
                 scaler.step(optimizer)
                 if optimizer_center is not None:
                     scaler.unscale_(optimizer_center)
+                    # The centers are outside DDP, but every rank computed the same global center loss,
+                    # so their gradients already agree across ranks.
                     for p in center.parameters():
-                        if world > 1:  # the centers are outside DDP: average their gradients by hand
-                            dist.all_reduce(p.grad)
-                            p.grad /= world
                         p.grad *= 1.0 / cfg.center_loss_weight  # BoT: the weight must not slow the centers
                     scaler.step(optimizer_center)
                 scaler.update()
@@ -402,6 +410,10 @@ def train_bot(
                 for i, values in enumerate(torch.stack(steps).cpu().tolist()):
                     iter_rows.append({"epoch": epoch + 1, "iteration": iteration + i + 1, "lr": f"{lr:.6g}",
                                       **{k: f"{v:.6f}" for k, v in zip(ITER_LOG_COLUMNS[2:7], values)}})
+                    if writer is not None:
+                        for key, value in zip(ITER_LOG_COLUMNS[2:7], values):
+                            writer.add_scalar(f"train/{key}", value, iteration + i + 1)
+                        writer.add_scalar("train/lr", lr, iteration + i + 1)
             iteration += len(batches)
             if world > 1:  # log the mean over all ranks, not rank 0's share
                 dist.all_reduce(sums)
@@ -432,6 +444,9 @@ def train_bot(
                     torch.save(state, tmp)
                 _write_log(log_path, log_rows)  # after the checkpoint: a row never outlives its epoch
                 _write_log(iter_log_path, iter_rows, ITER_LOG_COLUMNS)
+                if writer is not None:
+                    writer.add_scalar("epoch/images_per_s", float(log_rows[-1]["images_per_s"]), iteration)
+                    writer.flush()
                 if show:
                     row = log_rows[-1]
                     tqdm.write(
@@ -462,6 +477,7 @@ def train_bot(
                     "device": str(device),
                     "autocast_dtype": str(amp_dtype).removeprefix("torch.") if use_amp else "float32",
                     "world_size": world,
+                    "tensorboard": writer is not None,
                 },
             )
             if not cfg.keep_checkpoint and ckpt_path.is_file():
@@ -469,6 +485,21 @@ def train_bot(
         if world > 1:
             dist.barrier()
     finally:
+        if writer is not None:
+            writer.close()
         if own_group:
             dist.destroy_process_group()
     return model_dir
+
+
+def _tensorboard_writer(out_dir: Path, wanted: bool | None, purge_step: int | None):
+    """A SummaryWriter for ``out_dir/tensorboard``, or None (``wanted`` False, or None and not installed)."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch.utils.tensorboard imports the tensorboard package
+        if wanted:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install 'reid-aug[tensorboard]'")
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)

@@ -50,6 +50,8 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep decoded images here (.npy) so re-runs skip decoding.")
+@click.option("--tensorboard/--no-tensorboard", default=None,
+              help="TensorBoard events in OUT/tensorboard (default: when the tensorboard package is installed).")
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved config and the plan (images, identities, iterations per epoch); train nothing.")
 def train_bot_cmd(
@@ -68,6 +70,7 @@ def train_bot_cmd(
     resume: bool,
     device: str | None,
     cache_dir: Path | None,
+    tensorboard: bool | None,
     dry_run: bool,
 ) -> None:
     """Train a BoT re-ID model (Luo et al. 2019, reid-strong-baseline Market recipe).
@@ -115,9 +118,9 @@ def train_bot_cmd(
     try:
         model_dir = train_bot(
             cfg, records, out_dir, synthetic_records=synthetic, resume=resume, device=device,
-            sources=sources, cache_dir=cache_dir,
+            sources=sources, cache_dir=cache_dir, tensorboard=tensorboard,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
 
