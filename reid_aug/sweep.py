@@ -24,7 +24,8 @@ from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
 from reid_aug.layout import STANDARD, cell_dir, subset_path, synthetic_dir
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from reid_aug.synthesis import SynthesisConfig, synthesize
+from reid_aug.synthesis import SynthesisConfig, SynthesisError, read_synthesis_manifest, synthesize
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -52,6 +53,8 @@ class ExperimentConfig:
     bot: BotConfig = field(default_factory=BotConfig)
     rerank: bool = False
     device: str | None = None
+    # Pose annotations of the training images (default: DATA/market-annotation-train.csv).
+    poses: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
@@ -79,24 +82,11 @@ def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool) -> None:
         )
 
 
-def _ensure_subset(dataset: ReidDataset, run_dir: Path, fraction: float, seed: int):
-    path = subset_path(run_dir, fraction, seed)
-    if not path.is_file():
-        write_subset_csv(path, make_subset(dataset.train, fraction, seed))
-    return path, read_subset_csv(path, dataset)
+def open_run_dir(cfg: ExperimentConfig, run_dir: str | Path, config_record: dict, overwrite: bool = False) -> ReidDataset:
+    """Check that ``run_dir`` holds this experiment (or nothing yet), record it there; return the dataset.
 
-
-def run_experiment(
-    cfg: ExperimentConfig,
-    run_dir: str | Path,
-    config_record: dict,
-    overwrite: bool = False,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Run (or resume) every cell of the sweep under ``run_dir``; return ``run_dir``.
-
-    ``config_record`` is the plain-data form of ``cfg`` stored in the run manifest
-    (the CLI builds it with ``config_to_dict``).
+    Every command that writes a cell (``run``, and ``synthesize`` / ``train-bot`` in a workspace)
+    goes through here, so one run folder never mixes two experiment configs.
     """
     run_dir = Path(run_dir)
     dataset = read_reid_dataset(cfg.data)
@@ -109,39 +99,85 @@ def run_experiment(
         sources={"data": dataset.root},
         extra={"layout": dataset.layout, "num_train_images": len(dataset.train), "num_train_pids": dataset.num_train_pids},
     )
+    return dataset
+
+
+def ensure_subset(dataset: ReidDataset, run_dir: str | Path, fraction: float, seed: int):
+    """(path, records) of the cell's real subset, written on first use (nested across fractions)."""
+    path = subset_path(run_dir, fraction, seed)
+    if not path.is_file():
+        write_subset_csv(path, make_subset(dataset.train, fraction, seed))
+    return path, read_subset_csv(path, dataset)
+
+
+def synthesize_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig,
+                    fraction: float, seed: int, echo: Callable[[str], None] = print,
+                    progress: bool = True) -> Path:
+    """Make (or resume, or find complete) the synthetic images of one cell; return their folder."""
+    sub_path, records = ensure_subset(dataset, run_dir, fraction, seed)
+    syn_cfg = dataclasses.replace(method.synthesis, seed=seed, device=method.synthesis.device or cfg.device)
+    # Nested subsets share sources: images the same job made at another fraction are reused.
+    others = [synthetic_dir(run_dir, method.name, f, seed) for f in cfg.fractions if f != fraction]
+    return synthesize(syn_cfg, dataset, records, synthetic_dir(run_dir, method.name, fraction, seed),
+                      poses_csv=cfg.poses, subset_file=sub_path, reuse_from=others, log=echo, progress=progress)
+
+
+def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig | None,
+               fraction: float, seed: int, echo: Callable[[str], None] = print, label: str = "") -> dict:
+    """Train and evaluate BoT for one cell (``method`` None: the standard row); return its metrics.
+
+    An augmented cell trains on its synthetic folder, which must be complete: call
+    :func:`synthesize_cell` first (``run`` does; in a workspace, ``reid-aug synthesize``).
+    """
+    name = STANDARD if method is None else method.name
+    out = cell_dir(run_dir, name, fraction, seed)
+    label = label or f"{name} fraction {fraction:g} seed {seed}"
+    sub_path, records = ensure_subset(dataset, run_dir, fraction, seed)
+    bot_cfg = dataclasses.replace(cfg.bot, seed=seed)
+    synthetic = []
+    if method is not None:
+        syn_dir = synthetic_dir(run_dir, name, fraction, seed)
+        stored = read_synthesis_manifest(syn_dir) if syn_dir.is_dir() else None
+        if stored is None or not stored.get("complete"):
+            raise SynthesisError(f"{syn_dir}: no complete synthetic images of method {name!r} at fraction "
+                                 f"{fraction:g}, seed {seed}; make them first (reid-aug synthesize --subset "
+                                 f"{fraction:g} --method {name})")
+        synthetic = read_image_folder(syn_dir, relabel=False, keep_distractors=False)
+        bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=method.synthetic_share)
+    echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
+    train_bot(bot_cfg, records, out, synthetic_records=synthetic, resume=True, device=cfg.device,
+              sources={"data": dataset.root, "subset": sub_path})
+    metrics = evaluate_model(out / "model", cfg.data, out_path=out / METRICS_NAME, rerank=cfg.rerank,
+                             device=cfg.device)
+    echo(f"{label}: Rank-1 {100 * metrics['rank1']:.1f}  mAP {100 * metrics['mAP']:.1f}")
+    return metrics
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path,
+    config_record: dict,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run (or resume) every cell of the sweep under ``run_dir``; return ``run_dir``.
+
+    ``config_record`` is the plain-data form of ``cfg`` stored in the run manifest
+    (the CLI builds it with ``config_to_dict``). Cells that ``synthesize`` / ``train-bot``
+    made in the same run folder (a workspace) are found done and skipped.
+    """
+    run_dir = Path(run_dir)
+    dataset = open_run_dir(cfg, run_dir, config_record, overwrite)
     arms: list[MethodConfig | None] = ([None] if cfg.standard else []) + list(cfg.methods)
     cells = [(seed, fraction, arm) for seed in cfg.seeds for fraction in cfg.fractions for arm in arms]
     for i, (seed, fraction, arm) in enumerate(cells, 1):
         name = STANDARD if arm is None else arm.name
-        out = cell_dir(run_dir, name, fraction, seed)
         label = f"[{i}/{len(cells)}] {name} fraction {fraction:g} seed {seed}"
-        if (out / METRICS_NAME).is_file():
+        if (cell_dir(run_dir, name, fraction, seed) / METRICS_NAME).is_file():
             echo(f"{label}: done, skipped")
             continue
-        sub_path, records = _ensure_subset(dataset, run_dir, fraction, seed)
-        synthetic = []
-        bot_cfg = dataclasses.replace(cfg.bot, seed=seed)
         if arm is not None:
             echo(f"{label}: synthesizing ({arm.synthesis.generator})")
-            syn_cfg = dataclasses.replace(arm.synthesis, seed=seed)
-            # Nested subsets share sources: images the same job made at another fraction are reused.
-            others = [synthetic_dir(run_dir, name, f, seed) for f in cfg.fractions if f != fraction]
-            syn_dir = synthesize(
-                syn_cfg, dataset, records, synthetic_dir(run_dir, name, fraction, seed), subset_file=sub_path,
-                reuse_from=others, log=echo,
-            )
-            synthetic = read_image_folder(syn_dir, relabel=False, keep_distractors=False)
-            bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=arm.synthetic_share)
-        echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
-        train_bot(
-            bot_cfg,
-            records,
-            out,
-            synthetic_records=synthetic,
-            resume=True,
-            device=cfg.device,
-            sources={"data": dataset.root, "subset": sub_path},
-        )
-        metrics = evaluate_model(out / "model", cfg.data, out_path=out / METRICS_NAME, rerank=cfg.rerank, device=cfg.device)
-        echo(f"{label}: Rank-1 {100 * metrics['rank1']:.1f}  mAP {100 * metrics['mAP']:.1f}")
+            synthesize_cell(cfg, run_dir, dataset, arm, fraction, seed, echo)
+        train_cell(cfg, run_dir, dataset, arm, fraction, seed, echo, label)
     return run_dir

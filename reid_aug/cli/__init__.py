@@ -5,6 +5,7 @@ order here is the order ``reid-aug --help`` lists them in (the data flow).
 """
 
 from reid_aug.cli.app import main
+from reid_aug.cli import workspace_cmds  # noqa: F401  init
 from reid_aug.cli import toy_cmds  # noqa: F401  make-toy-market
 from reid_aug.cli import data_cmds  # noqa: F401  subset, dataset-info
 from reid_aug.cli import synth_cmds  # noqa: F401  synthesize

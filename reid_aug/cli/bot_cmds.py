@@ -26,14 +26,20 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @main.command("train-bot")
-@click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Dataset root (Market-1501 layout, DukeMTMC-reID or MSMT17).")
-@click.option("--subset", "subset_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Subset list from `reid-aug subset` (default: every training image).")
+@click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Dataset root (Market-1501 layout, DukeMTMC-reID or MSMT17). Without --data and --out: the "
+                   "workspace's cell.")
+@click.option("--subset", "subset_file", default=None,
+              help="Subset list from `reid-aug subset` (default: every training image); in a workspace the "
+                   "cell's fraction (default 1).")
+@click.option("--method", default=None,
+              help="Workspace only: the row to train, 'standard' (real images only, the default) or a method "
+                   "whose synthetic images `synthesize` made.")
 @click.option("--synthetic", "synthetic_dirs", type=click.Path(path_type=Path, file_okay=False), multiple=True,
               help="Folder of synthetic Market-named images of training identities (repeatable).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Run folder: checkpoint.pt, log.csv, model/, manifest.json.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Run folder: checkpoint.pt, log.csv, model/, manifest.json (in a workspace: "
+                   "runs/<method>/frac<F>/seed<S>/, evaluated into metrics.json).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="YAML with BotConfig keys (top level, or under `bot:` as in an experiment file).")
 @click.option("--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50"]), default=None)
@@ -55,10 +61,11 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--dry-run", is_flag=True,
               help="Print the resolved config and the plan (images, identities, iterations per epoch); train nothing.")
 def train_bot_cmd(
-    data_root: Path,
-    subset_file: Path | None,
+    data_root: Path | None,
+    subset_file: str | None,
+    method: str | None,
     synthetic_dirs: tuple[Path, ...],
-    out_dir: Path,
+    out_dir: Path | None,
     config_path: Path | None,
     backbone: str | None,
     epochs: int | None,
@@ -76,6 +83,10 @@ def train_bot_cmd(
     """Train a BoT re-ID model (Luo et al. 2019, reid-strong-baseline Market recipe).
 
     \b
+    In a workspace (no --data and no --out; see `reid-aug init`): `reid-aug train-bot` trains and
+    evaluates the standard row at 100 %; `--subset 0.4 --method pcdms` the cell of fraction 0.4
+    on its real subset plus the images `reid-aug synthesize --subset 0.4` made.
+    \b
     Default recipe: ResNet-50, last stride 1, BNNeck, 256x128, P x K = 16 x 4, Adam 3.5e-4,
     warmup 10 epochs, x0.1 at 40 and 70, 120 epochs, label-smoothed CE + triplet + center.
     See configs/bot_market.yaml (published recipe) and configs/bot_toy.yaml (CPU toy).
@@ -89,6 +100,14 @@ def train_bot_cmd(
         "synthetic_share": synthetic_share,
         "seed": seed,
     }
+    if data_root is None and out_dir is None:
+        return _workspace_run(subset_file, method, synthetic_dirs, config_path, overrides, pretrained, resume,
+                              device, cache_dir, tensorboard, dry_run)
+    if data_root is None or out_dir is None:
+        raise click.UsageError("give both --data and --out (a one-off run), or neither (the workspace's cell)")
+    if method is not None:
+        raise click.UsageError("--method names a workspace row; a one-off run takes --synthetic DIR")
+    subset_file = Path(subset_file) if subset_file is not None else None
     section = "bot" if config_path is not None and "bot" in read_yaml(config_path) else None
     cfg = load_config(BotConfig, config_path, overrides, section=section)
     if pretrained is not None and pretrained.lower() == "none":
@@ -123,6 +142,50 @@ def train_bot_cmd(
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
+
+
+def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, pretrained, resume, device,
+                   cache_dir, tensorboard, dry_run) -> None:
+    """`train-bot` in a workspace: train and evaluate the cell (method, fraction, seed) of its run folder."""
+    from reid_aug.cli.synth_cmds import workspace_fraction
+    from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
+    from reid_aug.layout import STANDARD, cell_dir
+    from reid_aug.data.subset import make_subset
+    from reid_aug.sweep import open_run_dir, train_cell
+    from reid_aug.synthesis import SynthesisError
+
+    for flag, given in (("--synthetic", synthetic_dirs), ("--config", config_path), ("--cache-dir", cache_dir),
+                        ("--tensorboard", tensorboard is not None), ("--no-resume", not resume)):
+        if given:
+            raise click.UsageError(f"{flag} is for one-off runs (--data/--out); a workspace cell takes its "
+                                   "synthetic images from `synthesize` and its recipe from reid-aug.yaml")
+    frac = workspace_fraction(subset, None)
+    ws = load_workspace()
+    method = ws.method(method_name or STANDARD)
+    seed = overrides.pop("seed")
+    seed = ws.config.seeds[0] if seed is None else seed
+    if overrides.pop("synthetic_share") is not None:
+        raise click.UsageError("--synthetic-share: a workspace method's share is `synthetic_share:` in reid-aug.yaml")
+    bot_overrides = {k: v for k, v in overrides.items() if v is not None}
+    if pretrained is not None:
+        bot_overrides["pretrained"] = None if pretrained.lower() == "none" else Path(pretrained)
+    cfg = dataclasses.replace(ws.config, device=device or ws.config.device,
+                              bot=dataclasses.replace(ws.config.bot, **bot_overrides))
+    name = STANDARD if method is None else method.name
+    try:
+        if dry_run:  # nothing written: the subset is drawn as the cell would draw it
+            records = make_subset(read_reid_dataset(cfg.data).train, frac, seed)
+            click.echo(f"workspace {ws.root}: {name}, fraction {frac:g}, seed {seed} -> "
+                       f"{cell_dir(ws.root, name, frac, seed)}")
+            _print_plan(dataclasses.replace(cfg.bot, seed=seed), records, [])
+            return
+        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws))
+        metrics = train_cell(cfg, ws.root, dataset, method, frac, seed, echo=click.echo,
+                             label=f"workspace {ws.root}: {name} fraction {frac:g} seed {seed}")
+    except (DatasetError, SynthesisError, ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"metrics in {cell_dir(ws.root, name, frac, seed) / 'metrics.json'} "
+               f"(Rank-1 {100 * metrics['rank1']:.1f}, mAP {100 * metrics['mAP']:.1f})")
 
 
 def _print_plan(cfg, records, synthetic) -> None:

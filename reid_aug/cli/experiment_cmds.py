@@ -28,9 +28,9 @@ def _comma_list(text: str | None, cast: type) -> tuple | None:
         raise click.BadParameter(f"expected comma-separated {cast.__name__} values, got {text!r}") from None
 
 
-def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
+def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool, record: dict | None = None) -> None:
     try:
-        run_experiment(cfg, out, config_to_dict(cfg), overwrite=overwrite, echo=click.echo)
+        run_experiment(cfg, out, record or config_to_dict(cfg), overwrite=overwrite, echo=click.echo)
     except (DatasetError, ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from None
     paths = make_report(out)
@@ -40,9 +40,9 @@ def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool) -> None:
 
 
 @main.command("run")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
-              help="Experiment YAML (see configs/experiment_market.yaml).")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Run folder.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Experiment YAML (see configs/experiment_market.yaml). Without --config and --out: the workspace.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Run folder.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Dataset root (overrides the config).")
 @click.option("--fractions", default=None, help="Comma-separated real-data fractions, e.g. 0.2,0.4,1.0.")
 @click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.")
@@ -54,7 +54,28 @@ def run_cmd(config_path: Path, out: Path, data: Path | None, fractions: str | No
 
     Each (method, fraction, seed) cell lands in OUT/runs/<method>/frac<F>/seed<S>/ with its
     metrics.json; a re-run skips finished cells and resumes the others. Ends with the report.
+    In a workspace (no --config and no --out): its reid-aug.yaml and folder, so cells that
+    synthesize / train-bot already made are skipped.
     """
+    if config_path is None and out is None:
+        import dataclasses
+
+        from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
+
+        if data is not None:
+            raise click.UsageError("--data: a workspace's dataset is `data:` in its reid-aug.yaml")
+        ws = load_workspace()
+        # --fractions/--seeds pick cells of the workspace's experiment; the run folder keeps its config.
+        try:
+            cfg = dataclasses.replace(ws.config, device=device or ws.config.device,
+                                      fractions=_comma_list(fractions, float) or ws.config.fractions,
+                                      seeds=_comma_list(seeds, int) or ws.config.seeds)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        _run_and_report(cfg, ws.root, overwrite, record=workspace_record(ws))
+        return
+    if config_path is None or out is None:
+        raise click.UsageError("give both --config and --out, or neither (the workspace)")
     cfg = load_config(
         ExperimentConfig, config_path,
         {"data": data, "fractions": _comma_list(fractions, float), "seeds": _comma_list(seeds, int), "device": device},

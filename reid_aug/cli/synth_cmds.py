@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -9,7 +10,7 @@ import click
 from pcdms.encoders import WeightsNotFoundError
 from pcdms.pose import PoseFormatError
 from reid_aug.cli.app import main
-from reid_aug.cli.config import load_config
+from reid_aug.cli.config import config_to_dict, load_config
 from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
 from reid_aug.data.subset import make_subset, read_subset_csv
 from reid_aug.manifest import read_manifest
@@ -43,12 +44,15 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 
 
 @main.command("synthesize")
-@click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Market-1501-style dataset root (or a toy Market).")
-@click.option("--subset", default=None, help="Real subset: a CSV from `reid-aug subset`, or a fraction in (0, 1].")
+@click.option("--data", "data_root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Market-1501-style dataset root (or a toy Market). Without --data and --out: the workspace's.")
+@click.option("--subset", default=None, help="Real subset: a CSV from `reid-aug subset`, or a fraction in (0, 1] "
+              "(in a workspace: the fraction of the cell, default 1).")
 @click.option("--fraction", type=float, default=None, help="Same as --subset F.")
 @click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of a subset given as a fraction.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Output folder.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Output folder (in a workspace: synthetic/<method>/frac<F>/seed<S>/).")
+@click.option("--method", default=None, help="Workspace only: the method (row) to synthesize for (default: the first).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML with SynthesisConfig keys.")
 @click.option("--generator", type=click.Choice(GENERATORS), default=None,
@@ -76,12 +80,16 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Pipeline dtype (default float32).")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
-def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, subset_seed: int, out: Path,
-                   config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
+def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
+                   out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
                    vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
                    device, dtype, overwrite: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
 
+    \b
+    In a workspace (no --data and no --out; see `reid-aug init`): `reid-aug synthesize --subset 0.4`
+    makes the synthetic cell of fraction 0.4 (seed: the workspace's first) with the workspace's
+    generator settings, which `train-bot --subset 0.4 --method pcdms` then trains on.
     \b
     OUT/<source stem>_synNN.jpg   Market-named: same pid and camera as the source
     OUT/synthesis.csv             source, pid, camid, k, seed, target pose per image
@@ -96,6 +104,12 @@ def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, 
         "guidance_scale": guidance, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
     }
+    if data_root is None and out is None:
+        return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides)
+    if data_root is None or out is None:
+        raise click.UsageError("give both --data and --out (a one-off job), or neither (the workspace's cell)")
+    if method is not None:
+        raise click.UsageError("--method names a workspace row; a one-off job (--data/--out) takes --config")
     cfg = load_config(SynthesisConfig, config_path, overrides)
     if cfg.generator == "pcdms" and cfg.allow_random_weights:
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
@@ -109,7 +123,62 @@ def synthesize_cmd(data_root: Path, subset: str | None, fraction: float | None, 
                    progress=True, sources_extra=notes, log=click.echo)
     except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    _summary(out)
+
+
+def _summary(out: Path) -> None:
     counts = read_manifest(out)["counts"]
     skipped = counts.get("skipped_missing_source_pose", 0)
     click.echo(f"{out}: {counts['images']:,} synthetic images of {counts['sources_used']:,} real images"
                + (f" ({skipped} skipped: no source pose)" if skipped else ""))
+
+
+def workspace_fraction(subset: str | None, fraction: float | None) -> float:
+    """The cell fraction of --subset F / --fraction F in a workspace (default 1); a CSV is refused."""
+    if subset is not None and fraction is not None:
+        raise click.UsageError("give --subset F or --fraction F, not both")
+    if subset is None:
+        return 1.0 if fraction is None else fraction
+    chosen = parse_subset_arg(subset)
+    if isinstance(chosen, Path):
+        raise click.UsageError("in a workspace --subset is a fraction (the cell); a subset CSV needs --data/--out")
+    return chosen
+
+
+def _workspace_job(subset, fraction, subset_seed, method_name, config_path, poses_csv, overrides) -> None:
+    """`synthesize` in a workspace: the synthetic cell (method, fraction, seed) of its run folder."""
+    from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
+    from reid_aug.sweep import open_run_dir, synthesize_cell
+
+    if config_path is not None:
+        raise click.UsageError("--config is for one-off jobs (--data/--out); a workspace's settings are in its "
+                               "reid-aug.yaml")
+    if subset_seed != 0:
+        raise click.UsageError("--subset-seed is for one-off jobs; a workspace cell's subset uses the cell seed (--seed)")
+    if poses_csv is not None:
+        raise click.UsageError("--poses is for one-off jobs; a workspace's pose file is `poses:` in its reid-aug.yaml")
+    frac = workspace_fraction(subset, fraction)
+    ws = load_workspace()
+    if not ws.config.methods:
+        raise click.ClickException(f"{ws.file}: no augmentation method (methods:) to synthesize for")
+    method = ws.method(method_name) if method_name is not None else ws.config.methods[0]
+    if method is None:
+        raise click.BadParameter("the standard row has no synthetic images", param_hint="--method")
+    seed = overrides.pop("seed", None)
+    seed = ws.config.seeds[0] if seed is None else seed
+    try:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        syn = load_config(SynthesisConfig, None, {**config_to_dict(method.synthesis), **given})
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    method = dataclasses.replace(method, synthesis=syn)
+    if syn.generator == "pcdms" and syn.allow_random_weights:
+        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
+    try:
+        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws))
+        click.echo(f"workspace {ws.root}: method {method.name}, fraction {frac:g}, seed {seed}; generator "
+                   f"{syn.generator} ({syn.pipeline or ''}), {syn.per_image} per image")
+        out = synthesize_cell(ws.config, ws.root, dataset, method, frac, seed, echo=click.echo)
+    except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _summary(out)
