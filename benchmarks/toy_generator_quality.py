@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     shown = next((v for v in ("full", "B3", "B2", "B1") if outputs[v]), None)
     if args.grid and shown:
         from pcdms.pose import draw_skeleton
+        from reid_aug.visualize import image_grid
 
         coarse_full, final = coarse_by[shown], outputs[shown]
         rows, seen = [], set()  # the first pair of each of the first 8 source people
@@ -136,13 +137,8 @@ def main(argv=None) -> int:
             if shots[a].pid not in seen and len(rows) < 8:
                 seen.add(shots[a].pid)
                 rows.append(i)
-        grid = Image.new("RGB", (5 * w, len(rows) * h), "white")
-        for r, i in enumerate(rows):
-            a, b = pairs[i]
-            tiles = [Image.open(path(a)).convert("RGB"), draw_skeleton(poses[b], (h, w), (h, w)),
-                     coarse_full[i], final[i], targets[i]]
-            for j, tile in enumerate(tiles):
-                grid.paste(tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(tile), (j * w, r * h))
+        grid = image_grid([[Image.open(path(pairs[i][0])).convert("RGB"), draw_skeleton(poses[pairs[i][1]], (h, w), (h, w)),
+                            coarse_full[i], final[i], targets[i]] for i in rows], cell=(h, w), gap=0)
         grid.save(args.grid)
     return 0
 

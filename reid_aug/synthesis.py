@@ -19,10 +19,13 @@ Two generators, chosen by ``SynthesisConfig.generator``:
   augmented path without trained diffusion weights. It ignores the pose bank;
   its target keypoints are the renderer's.
 
-Output folder: the images, ``synthesis.csv`` (one row per image: source, pid,
-camid, k, seed, target pose name, target keypoints), ``annotation.csv`` (target
-poses, community Market format), ``subset.csv`` (the real subset used) and
-``manifest.json``. The plan is deterministic, so a killed job is resumed by
+Output folder: the images, ``manifest.csv`` (one row per image: source, pid,
+camid, k, seed, target pose name, target keypoints, then the settings it was
+made with: generator, pose strategy, scheduler, steps, guidance, stages, dtype,
+pipeline hash), ``annotation.csv`` (target poses, community Market format),
+``subset.csv`` (the real subset used), ``preview.png`` (source | target
+skeleton | coarse | result for the first images, written when the first batch
+is done), ``coarse/`` (stage-2 images, with ``keep_coarse``) and ``manifest.json``. The plan is deterministic, so a killed job is resumed by
 running it again: existing images are kept and exactly the missing ones are made;
 the CSVs and the manifest are (re)written from the full plan at the end.
 """
@@ -32,9 +35,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -46,7 +49,7 @@ from tqdm.auto import tqdm
 
 from pcdms.io import atomic_path, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
-from reid_aug.data.market import IMAGE_SUFFIXES, DatasetError, ImageRecord, ReidDataset, parse_market_name
+from reid_aug.data.market import DatasetError, ImageRecord, ReidDataset, is_image_file, parse_market_name
 from reid_aug.data.subset import write_subset_csv
 from reid_aug.data.toy import camera_for, identity_for, read_toy_manifest
 from reid_aug.generators import resolve_pipeline
@@ -61,8 +64,12 @@ STEP = "synthesize"
 GENERATORS = ("pcdms", "toy-oracle")
 MISSING_SOURCE_POSE = ("error", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "synthesis.csv", "annotation.csv", "subset.csv"
+SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "manifest.csv", "annotation.csv", "subset.csv"
+PREVIEW_NAME, COARSE_DIR, PREVIEW_ROWS = "preview.png", "coarse", 8
+# What decides an image (the plan row), then the settings it was made with (the same on every row).
 SYNTHESIS_COLUMNS = ("name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints")
+SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps", "guidance_scale", "stages",
+                    "dtype", "pipeline_sha256")
 JPEG_QUALITY = 95
 DEFAULT_POSES_FILE = "market-annotation-train.csv"
 # Settings that do not change a single output pixel's recipe: a job may resume with other values.
@@ -91,7 +98,8 @@ class SynthesisConfig:
     ``pipeline`` (a ``PCDMsPipeline.save_pretrained`` folder), the three encoder paths,
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
     sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
-    (default: cuda if available), ``dtype``.
+    (default: cuda if available), ``dtype``, ``keep_coarse`` (also write the stage-2 images
+    to ``OUT/coarse/``).
     """
 
     generator: str = "pcdms"
@@ -113,6 +121,7 @@ class SynthesisConfig:
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
+    keep_coarse: bool = False
 
     def __post_init__(self) -> None:
         choices = {"generator": GENERATORS, "pose_pool": POSE_POOLS, "pose_identity": POSE_IDENTITIES,
@@ -304,6 +313,7 @@ def toy_oracle_image(toy_seed: int, pid: int, camid: int, pose: PoseParams, rng:
 
 def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, image_size, bar) -> None:
     h, w = image_size
+    shown = []
     for item in items:
         img, kp = toy_oracle_image(toy_seed, item.source.pid, item.source.camid, item.toy_pose,
                                    np.random.default_rng(item.seed), h, w)
@@ -312,6 +322,33 @@ def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, imag
                                "since this folder was planned (re-run with --overwrite)")
         _save_jpeg(img, out / item.name)
         bar.update(1)
+        if len(shown) < PREVIEW_ROWS:
+            shown.append((item, None, np.asarray(img)))
+            if len(shown) == min(PREVIEW_ROWS, len(items)):
+                write_preview(out, shown, image_size)
+
+
+def _open_rgb(path: Path) -> Image.Image | None:
+    if not path.is_file():
+        return None
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def write_preview(out: Path, shown: Sequence[tuple], image_size: tuple[int, int]) -> None:
+    """``OUT/preview.png``: one row per ``(item, coarse or None, result)``: source | target skeleton | coarse |
+    result, at ``image_size`` (H, W); kept if it exists (a resumed job does not redraw it)."""
+    from pcdms.pose import draw_skeleton
+    from reid_aug.visualize import image_grid
+
+    path = out / PREVIEW_NAME
+    if path.exists() or not shown:
+        return
+    rows = [[Image.open(it.source.path), draw_skeleton(np.array(it.target_keypoints), image_size, image_size),
+             coarse, result] for it, coarse, result in shown]
+    grid = image_grid(rows, cell=tuple(image_size), header=("source", "target", "coarse", "result"))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def encoder_paths(cfg: SynthesisConfig) -> dict[str, Path | None]:
@@ -430,15 +467,24 @@ def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, p
         gens = [torch.Generator().manual_seed(it.seed) for it in batch]
         result = pipe(images, src, tgt, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, generator=gens, stages=cfg.stages,
-                      scheduler=cfg.scheduler, output_type="pt").images
-        pixels = (result.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for it, px in zip(batch, pixels):
+                      scheduler=cfg.scheduler, output_type="pt")
+        pixels, coarse = (_to_uint8(x) for x in (result.images, result.coarse_images))
+        for it, px, cx in zip(batch, pixels, coarse):
             if it.name in todo:
+                if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
+                    _save_jpeg(Image.fromarray(cx), out / COARSE_DIR / it.name)
                 _save_jpeg(Image.fromarray(px), out / it.name)
                 bar.update(1)
+        write_preview(out, list(zip(batch, coarse, pixels))[:PREVIEW_ROWS], size)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
 
@@ -447,8 +493,7 @@ def _save_jpeg(img: Image.Image, path: Path) -> None:
 
 
 def _image_names(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES}
+    return {p.name for p in folder.iterdir() if is_image_file(p)}
 
 
 def _compared_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -481,30 +526,34 @@ def _clear_outputs(out: Path) -> None:
     """--overwrite on a folder of this step: remove its images, CSVs and manifest (nothing else)."""
     for name in _image_names(out):
         (out / name).unlink()
-    for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV, MANIFEST_NAME):
+    for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV, PREVIEW_NAME, MANIFEST_NAME):
         (out / name).unlink(missing_ok=True)
+    if (out / COARSE_DIR).is_dir():
+        shutil.rmtree(out / COARSE_DIR)
 
 
 def _remove_stale_temps(out: Path) -> None:
     # What a kill during pcdms.io.atomic_path leaves behind: ".<name>.tmp.<random><suffix>".
-    for p in out.glob(".*.tmp.*"):
+    for p in [*out.glob(".*.tmp.*"), *out.glob(f"{COARSE_DIR}/.*.tmp.*")]:
         if p.is_file():
             p.unlink()
 
 
-def _write_tables(out: Path, items: Sequence[SynthesisItem], subset_records: Sequence[ImageRecord]) -> dict[str, str]:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SYNTHESIS_COLUMNS)
-    writer.writerows(_table_row(it) for it in items)
-    write_text_atomic(out / SYNTHESIS_CSV, buf.getvalue())
+def _write_tables(out: Path, items: Sequence[SynthesisItem], subset_records: Sequence[ImageRecord],
+                  settings: Mapping[str, Any]) -> dict[str, str]:
+    import pandas as pd
+
+    table = pd.DataFrame([_table_row(it) for it in items], columns=list(SYNTHESIS_COLUMNS), dtype=str)
+    for key in SETTINGS_COLUMNS:
+        table[key] = settings.get(key, "")
+    write_text_atomic(out / SYNTHESIS_CSV, table.to_csv(index=False, lineterminator="\n"))
     write_annotation_csv(out / ANNOTATION_CSV, {it.name: np.array(it.target_keypoints) for it in items})
     write_subset_csv(out / SUBSET_CSV, subset_records)
     return {name: sha256_file(out / name) for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV)}
 
 
 def _table_row(it: SynthesisItem) -> tuple[str, ...]:
-    """``synthesis.csv`` row of an item (:data:`SYNTHESIS_COLUMNS`), as the CSV reads it back."""
+    """``manifest.csv`` plan columns of an item (:data:`SYNTHESIS_COLUMNS`), as the CSV reads it back."""
     return (it.name, it.source.name, str(it.source.pid), str(it.source.camid), str(it.k), str(it.seed),
             it.target or "", json.dumps([list(p) for p in it.target_keypoints]))
 
@@ -545,6 +594,16 @@ def _link(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def _settings(cfg: SynthesisConfig, checkpoints: Mapping[str, str]) -> dict[str, Any]:
+    """The ``manifest.csv`` settings columns (:data:`SETTINGS_COLUMNS`) of a job."""
+    pcdms = cfg.generator == "pcdms"
+    return {"generator": cfg.generator,
+            "strategy": f"random ({cfg.pose_pool} pool, {cfg.pose_identity} identities)" if pcdms else "toy-oracle",
+            "scheduler": cfg.scheduler if pcdms else "", "num_inference_steps": cfg.num_inference_steps if pcdms else "",
+            "guidance_scale": cfg.guidance_scale if pcdms else "", "stages": cfg.stages if pcdms else "",
+            "dtype": cfg.dtype if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
 
 
 def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
@@ -682,6 +741,10 @@ def synthesize(
     if reusable:
         linked = [it for it in todo if it.name in reusable]
         for it in linked:
+            coarse = reusable[it.name].parent / COARSE_DIR / it.name
+            if cfg.keep_coarse and coarse.is_file():  # (same config, so the other folder kept them too)
+                (out / COARSE_DIR).mkdir(exist_ok=True)
+                _link(coarse, out / COARSE_DIR / it.name)
             _link(reusable[it.name], out / it.name)
         counts["reused"] = len(reusable)
         todo = [it for it in todo if it.name not in reusable]
@@ -702,6 +765,9 @@ def synthesize(
     missing = planned - _image_names(out)
     if missing:
         raise RuntimeError(f"{out}: {len(missing)} planned images are missing after generation (e.g. {min(missing)})")
-    manifest(complete=True, outputs=_write_tables(out, items, records))
+    if not (out / PREVIEW_NAME).exists():  # every image was reused or made by an earlier run: draw from the files
+        write_preview(out, [(it, _open_rgb(out / COARSE_DIR / it.name), _open_rgb(out / it.name))
+                            for it in items[:PREVIEW_ROWS]], image_size)
+    manifest(complete=True, outputs=_write_tables(out, items, records, _settings(cfg, checkpoints)))
     say(f"{out}: complete ({len(items)} images)")
     return out

@@ -140,3 +140,35 @@ def rank_grid(
             x = gap + cell_w + query_gap + j * (cell_w + gap)
             grid.paste(_framed(g_paths[gi], cell, GREEN if hit else RED, border), (x, y))
     return grid
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image | np.ndarray | None]],
+    cell: tuple[int, int] = (128, 64),
+    header: Sequence[str] | None = None,
+    gap: int = 2,
+) -> Image.Image:
+    """A plain grid: ``rows`` of tiles (PIL images or uint8 ``(H, W, 3)`` arrays; None leaves a grey cell).
+
+    Each tile is resized to ``cell`` = (height, width) pixels. ``header``: one short column label
+    each, drawn above the columns. Used for synthesis previews (source | target skeleton |
+    coarse | result). Raises ValueError on an empty grid or ragged rows.
+    """
+    from PIL import ImageDraw
+
+    if not rows or any(len(r) != len(rows[0]) for r in rows) or not rows[0]:
+        raise ValueError("image_grid: expected a non-empty list of rows of equal length")
+    cols, (h, w) = len(rows[0]), cell
+    top = 14 if header else 0
+    grid = Image.new("RGB", (gap + cols * (w + gap), top + gap + len(rows) * (h + gap)), BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(header or []):
+        draw.text((gap + j * (w + gap) + 2, 1), str(label)[: max(1, w // 6)], fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if tile is None:
+                tile = Image.new("RGB", (w, h), (160, 160, 160))
+            elif not isinstance(tile, Image.Image):
+                tile = Image.fromarray(np.asarray(tile, dtype=np.uint8))
+            grid.paste(tile.convert("RGB").resize((w, h)), (gap + j * (w + gap), top + gap + i * (h + gap)))
+    return grid

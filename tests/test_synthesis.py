@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -449,3 +450,27 @@ def test_builtin_generator_names():
     assert resolve_pipeline("some/dir") == Path("some/dir") and resolve_pipeline(None) is None
     with pytest.raises(ValueError, match="unknown builtin generator 'builtin:nope'"):
         resolve_pipeline("builtin:nope")
+
+
+def test_pcdms_job_writes_manifest_csv_preview_and_coarse_images(tmp_path, dataset, subset, tiny_pipeline):
+    torch.set_num_threads(1)
+    sources = [next(r for r in subset if r.pid == pid) for pid in sorted({r.pid for r in subset})][:3]
+    cfg = _pcdms_cfg(tiny_pipeline, batch_size=2, keep_coarse=True, stages="B1")
+    out = synthesize(cfg, dataset, sources, tmp_path / "a", progress=False)
+    table = pd.read_csv(out / SYNTHESIS_CSV, dtype=str)
+    assert list(table.columns[:8]) == ["name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints"]
+    assert set(table["source"]) == {s.name for s in sources} and len(table) == 3
+    row = table.iloc[0]
+    assert (row["scheduler"], row["num_inference_steps"], row["stages"], row["generator"]) == ("ddim", "2", "B1",
+                                                                                                 "pcdms")
+    assert row["strategy"].startswith("random") and row["pipeline_sha256"] == json.loads(
+        (out / "manifest.json").read_text())["checkpoints"]["pipeline"]
+    # B1: the coarse image is the result; both are written, under the same name.
+    assert sorted(p.name for p in (out / "coarse").iterdir()) == sorted(table["name"])
+    for name in table["name"]:
+        with Image.open(out / name) as x, Image.open(out / "coarse" / name) as y:
+            assert np.array_equal(np.asarray(x), np.asarray(y))
+    # The preview: the first batch (2 images), 4 columns of 64x128 tiles; not a training image.
+    with Image.open(out / "preview.png") as im:
+        assert im.size == (2 + 4 * (64 + 2), 14 + 2 + 2 * (128 + 2))
+    assert len(read_image_folder(out, relabel=False, keep_distractors=False)) == 3

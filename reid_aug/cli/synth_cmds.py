@@ -79,11 +79,12 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 @click.option("--device", default=None, help="torch device (default cuda if available, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Pipeline dtype (default float32).")
+@click.option("--keep-coarse", is_flag=True, default=None, help="Also write the stage-2 (coarse) images to OUT/coarse/.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
 def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
                    out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
                    vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
-                   device, dtype, overwrite: bool) -> None:
+                   device, dtype, keep_coarse, overwrite: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
 
     \b
@@ -92,7 +93,9 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     generator settings, which `train-bot --subset 0.4 --method pcdms` then trains on.
     \b
     OUT/<source stem>_synNN.jpg   Market-named: same pid and camera as the source
-    OUT/synthesis.csv             source, pid, camid, k, seed, target pose per image
+    OUT/manifest.csv              per image: source, pid, camid, k, seed, target pose, settings, hashes
+    OUT/preview.png               source | target skeleton | coarse | result, first images
+    OUT/coarse/                   stage-2 images (--keep-coarse)
     OUT/annotation.csv            target keypoints (community Market format)
     OUT/subset.csv                the real subset used
     OUT/manifest.json
@@ -103,9 +106,10 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
         "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
         "guidance_scale": guidance, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
+        "keep_coarse": keep_coarse,
     }
     if data_root is None and out is None:
-        return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides)
+        return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides, overwrite)
     if data_root is None or out is None:
         raise click.UsageError("give both --data and --out (a one-off job), or neither (the workspace's cell)")
     if method is not None:
@@ -145,7 +149,8 @@ def workspace_fraction(subset: str | None, fraction: float | None) -> float:
     return chosen
 
 
-def _workspace_job(subset, fraction, subset_seed, method_name, config_path, poses_csv, overrides) -> None:
+def _workspace_job(subset, fraction, subset_seed, method_name, config_path, poses_csv, overrides,
+                   overwrite: bool) -> None:
     """`synthesize` in a workspace: the synthetic cell (method, fraction, seed) of its run folder."""
     from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
     from reid_aug.sweep import open_run_dir, synthesize_cell
@@ -175,10 +180,11 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
     if syn.generator == "pcdms" and syn.allow_random_weights:
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
-        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws))
+        # --overwrite: accept a changed reid-aug.yaml for the run folder (and replace this cell's images)
+        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), overwrite=overwrite)
         click.echo(f"workspace {ws.root}: method {method.name}, fraction {frac:g}, seed {seed}; generator "
                    f"{syn.generator} ({syn.pipeline or ''}), {syn.per_image} per image")
-        out = synthesize_cell(ws.config, ws.root, dataset, method, frac, seed, echo=click.echo)
+        out = synthesize_cell(ws.config, ws.root, dataset, method, frac, seed, echo=click.echo, overwrite=overwrite)
     except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     _summary(out)

@@ -92,9 +92,15 @@ def parse_market_name(name: str) -> tuple[int, int]:
     return pid, cam - 1
 
 
-def _is_image_file(path: Path) -> bool:
+# Pictures reid-aug writes beside the images of a folder that are not images of people (synthesis previews).
+NOT_DATASET_IMAGES = frozenset({"preview.png"})
+
+
+def is_image_file(path: Path) -> bool:
+    """A dataset image: an image suffix, not hidden, not one of :data:`NOT_DATASET_IMAGES`."""
     # Hidden files: macOS "._x.jpg" forks and the ".x.tmp.*" files of an interrupted atomic write.
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+    return (path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
+            and path.name not in NOT_DATASET_IMAGES)
 
 
 def _relabel(records: list[ImageRecord]) -> list[ImageRecord]:
@@ -114,7 +120,7 @@ def read_image_folder(folder: str | Path, relabel: bool, keep_distractors: bool)
     if not folder.is_dir():
         raise DatasetError(f"image folder not found: {folder}")
     records = []
-    for path in sorted(p for p in folder.iterdir() if _is_image_file(p)):
+    for path in sorted(p for p in folder.iterdir() if is_image_file(p)):
         try:
             pid, camid = parse_market_name(path.name)
         except DatasetError as exc:
