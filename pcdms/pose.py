@@ -221,7 +221,7 @@ def read_annotation_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     poses: dict[str, np.ndarray] = {}
     seen_header = False
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(f, start=1):
             line = raw.strip()
             if not line:
@@ -285,7 +285,7 @@ def read_pairs_csv(path: str | os.PathLike) -> list[tuple[str, str]]:
     """
     path = Path(path)
     pairs: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         text = f.read()
     rows = csv.reader(io.StringIO(text))
     header: list[str] | None = None

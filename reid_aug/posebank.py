@@ -35,7 +35,9 @@ from reid_aug.data.market import ImageRecord
 
 NECK, R_HIP, L_HIP = 1, 8, 11
 POSE_POOLS = ("subset", "train")
-POSE_IDENTITIES = ("other", "any")
+POSE_IDENTITIES = ("other", "any", "same")
+STRATEGIES = ("random", "same-id", "canonical", "file")
+BODY_JOINTS = 14  # OpenPose-18 joints 0-13 (nose to left ankle); 14-17 are eyes and ears
 # Independent random streams of one synthesis seed.
 STREAM_POSE, STREAM_NOISE, STREAM_TOY_POSE, STREAM_TOY_IMAGE = range(4)
 
@@ -116,10 +118,24 @@ def build_pose_bank(
 
 
 def num_candidates(bank: PoseBank, source: ImageRecord, identity: str, pid_counts: Mapping[int, int]) -> int:
-    """How many bank poses the source may draw: all but its own (``"any"``) or its identity's (``"other"``)."""
+    """How many bank poses the source may draw: all but its own (``"any"``), none of its identity's
+    (``"other"``), or only its identity's other images (``"same"``)."""
+    own = 1 if source.name in bank.index else 0
     if identity == "other":
         return len(bank) - pid_counts.get(source.pid, 0)
-    return len(bank) - (1 if source.name in bank.index else 0)
+    if identity == "same":
+        return pid_counts.get(source.pid, 0) - own
+    return len(bank) - own
+
+
+def _allowed(bank: PoseBank, j: int, source: ImageRecord, identity: str) -> bool:
+    if bank.names[j] == source.name:
+        return False
+    if identity == "other":
+        return bank.pids[j] != source.pid
+    if identity == "same":
+        return bank.pids[j] == source.pid
+    return True
 
 
 def draw_targets(
@@ -138,17 +154,20 @@ def draw_targets(
     pid_counts = bank.pid_counts() if pid_counts is None else pid_counts
     allowed = num_candidates(bank, source, identity, pid_counts)
     if allowed <= 0:
-        what = "of another identity" if identity == "other" else "other than its own"
+        what = {"other": "of another identity", "any": "other than its own",
+                "same": "of another image of the same person"}[identity]
         raise ValueError(
             f"{source.name}: the pose bank ({len(bank)} usable poses) holds no pose {what}; "
             "use a larger pose pool (pose_pool: train), pose_identity: any, or a lower min_visible_joints"
         )
+    # "same": few candidates, so draw among them directly (rejection from the whole bank would crawl).
+    candidates = [j for j in range(len(bank)) if _allowed(bank, j, source, identity)] if identity == "same" else None
     taken: list[int] = []
     for k in range(count):
         rng = item_rng(seed, STREAM_POSE, source.name, k)
         while True:
-            j = int(rng.integers(len(bank)))
-            if bank.names[j] == source.name or (identity == "other" and bank.pids[j] == source.pid):
+            j = candidates[int(rng.integers(len(candidates)))] if candidates else int(rng.integers(len(bank)))
+            if not _allowed(bank, j, source, identity):
                 continue
             if j in taken and len(set(taken)) < allowed:
                 continue
@@ -162,3 +181,65 @@ def pool_records(pose_pool: str, subset: Sequence[ImageRecord], train: Sequence[
     if pose_pool not in POSE_POOLS:
         raise ValueError(f"pose_pool must be one of {POSE_POOLS}, got {pose_pool!r}")
     return subset if pose_pool == "subset" else train
+
+
+def normalize_poses(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred, scale-normalised poses: ``(P, 18, 2)`` pixels -> (normalised (P, 18, 2) float, neck (P, 2),
+    torso length (P,)).
+
+    Each pose is moved so its neck is at the origin and divided by its torso length (neck to the
+    mid-point of the visible hips), so poses of people at different positions and sizes compare.
+    Missing joints stay NaN. Needs :func:`is_usable_pose` poses (neck and a hip visible).
+    """
+    kp = np.asarray(keypoints, dtype=np.float64).copy()
+    kp[is_missing(np.asarray(keypoints))] = np.nan
+    neck = kp[:, NECK]
+    hips = np.nanmean(kp[:, [R_HIP, L_HIP]], axis=1)
+    torso = np.maximum(np.linalg.norm(hips - neck, axis=1), 1.0)
+    return (kp - neck[:, None]) / torso[:, None, None], neck, torso
+
+
+def canonical_poses(bank: PoseBank, k: int, seed: int) -> np.ndarray:
+    """``k`` canonical poses of the bank: k-means centres of its normalised poses, back in pixels ``(k, 18, 2)``.
+
+    Clustering (scikit-learn ``KMeans``, ``n_init=10``, ``random_state=seed``) runs over the 14
+    body joints of the bank poses that have all of them visible; a centre's eyes and ears are
+    the mean of its members' visible ones (missing when none has them). Centres are placed
+    at the bank's median neck position and scaled to its median torso length, then rounded.
+    Raises ValueError when fewer than ``k`` poses have every body joint visible.
+    """
+    from sklearn.cluster import KMeans
+
+    norm, neck, torso = normalize_poses(bank.keypoints)
+    complete = ~np.isnan(norm[:, :BODY_JOINTS]).any(axis=(1, 2))
+    if complete.sum() < k:
+        raise ValueError(f"canonical poses: only {int(complete.sum())} of the {len(bank)} usable poses show all "
+                         f"{BODY_JOINTS} body joints, fewer than k = {k}; use a smaller k or a larger pose pool")
+    members = norm[complete]
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(members[:, :BODY_JOINTS].reshape(len(members), -1))
+    centres = np.full((k, 18, 2), np.nan)
+    centres[:, :BODY_JOINTS] = km.cluster_centers_.reshape(k, BODY_JOINTS, 2)
+    for c in range(k):
+        face = members[km.labels_ == c, BODY_JOINTS:]
+        seen = ~np.isnan(face).any(axis=2)
+        for j in range(18 - BODY_JOINTS):
+            if seen[:, j].any():
+                centres[c, BODY_JOINTS + j] = face[seen[:, j], j].mean(axis=0)
+    # Order the centres by their horizontal spread (a stable order whatever k-means' labels are).
+    order = np.argsort(np.nanmax(centres[:, :, 0], axis=1) - np.nanmin(centres[:, :, 0], axis=1), kind="stable")
+    pixels = centres[order] * np.median(torso) + np.median(neck, axis=0)
+    out = np.where(np.isnan(pixels), -1, np.round(pixels)).astype(np.int64)
+    return np.where((out < 0).any(axis=2, keepdims=True), -1, out)
+
+
+def draw_canonical(num_poses: int, source: ImageRecord, count: int, seed: int) -> list[int]:
+    """Indices into ``num_poses`` canonical poses for ``source``: ``k``-th from ``(seed, name, k)``, distinct
+    while there are enough."""
+    taken: list[int] = []
+    for k in range(count):
+        rng = item_rng(seed, STREAM_POSE, source.name, k)
+        j = int(rng.integers(num_poses))
+        while j in taken and len(taken) < num_poses:
+            j = int(rng.integers(num_poses))
+        taken.append(j)
+    return taken

@@ -56,8 +56,8 @@ from reid_aug.generators import resolve_pipeline
 from reid_aug.data.toy_render import PoseParams, project_pose, render_person, sample_pose_params
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from reid_aug.posebank import (
-    POSE_IDENTITIES, POSE_POOLS, STREAM_NOISE, STREAM_TOY_IMAGE, STREAM_TOY_POSE, build_pose_bank, draw_targets,
-    item_rng, item_seed, pool_records,
+    POSE_IDENTITIES, POSE_POOLS, STRATEGIES, STREAM_NOISE, STREAM_TOY_IMAGE, STREAM_TOY_POSE, build_pose_bank,
+    canonical_poses, draw_canonical, draw_targets, is_usable_pose, item_rng, item_seed, num_candidates, pool_records,
 )
 
 STEP = "synthesize"
@@ -66,6 +66,7 @@ MISSING_SOURCE_POSE = ("error", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "manifest.csv", "annotation.csv", "subset.csv"
 PREVIEW_NAME, COARSE_DIR, PREVIEW_ROWS = "preview.png", "coarse", 8
+CANONICAL_CSV, CANONICAL_PNG = "canonical-poses.csv", "canonical-poses.png"
 # What decides an image (the plan row), then the settings it was made with (the same on every row).
 SYNTHESIS_COLUMNS = ("name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints")
 SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps", "guidance_scale", "stages",
@@ -97,6 +98,7 @@ class SynthesisConfig:
     ``"error"`` or is ``"skip"``-ped (counted in the manifest). PCDMs keys (generator ``"pcdms"``):
     ``pipeline`` (a ``PCDMsPipeline.save_pretrained`` folder), the three encoder paths,
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
+    ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
     sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
     (default: cuda if available), ``dtype``, ``keep_coarse`` (also write the stage-2 images
     to ``OUT/coarse/``).
@@ -122,9 +124,13 @@ class SynthesisConfig:
     device: str | None = None
     dtype: str = "float32"
     keep_coarse: bool = False
+    strategy: str = "random"
+    canonical_k: int = 8
+    target_poses: Path | None = None
 
     def __post_init__(self) -> None:
-        choices = {"generator": GENERATORS, "pose_pool": POSE_POOLS, "pose_identity": POSE_IDENTITIES,
+        choices = {"generator": GENERATORS, "pose_pool": POSE_POOLS, "pose_identity": POSE_IDENTITIES[:2],
+                   "strategy": STRATEGIES,
                    "missing_source_pose": MISSING_SOURCE_POSE, "dtype": tuple(DTYPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -141,6 +147,13 @@ class SynthesisConfig:
             raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.canonical_k < 1:
+            raise ValueError(f"canonical_k must be >= 1, got {self.canonical_k}")
+        if (self.strategy == "file") != (self.target_poses is not None):
+            raise ValueError("strategy 'file' needs target_poses (an annotation csv or a from,to pairs csv), "
+                             "and target_poses needs strategy 'file'")
+        if self.strategy != "random" and self.generator != "pcdms":
+            raise ValueError(f"strategy {self.strategy!r} needs generator 'pcdms' (toy-oracle samples its own poses)")
         if self.generator == "pcdms":
             from pcdms.pipeline import SCHEDULERS, STAGES  # diffusers: only imported when PCDMs will run
 
@@ -153,7 +166,7 @@ class SynthesisConfig:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"device {self.device!r} is not a torch device name (cpu, cuda, cuda:1, mps)") from None
-        for key in ("pipeline", "clip_checkpoint", "dino_path", "vae_path"):
+        for key in ("pipeline", "clip_checkpoint", "dino_path", "vae_path", "target_poses"):
             if isinstance(getattr(self, key), str):
                 object.__setattr__(self, key, Path(getattr(self, key)))
         # "builtin:toy" names the generator shipped in the package (reid_aug.generators).
@@ -209,14 +222,33 @@ def plan_synthesis(
     toy_seed: int | None = None,
     image_size: tuple[int, int] = (128, 64),
     poses_file: str | Path | None = None,
+    stats: dict | None = None,
 ) -> list[SynthesisItem]:
     """Every synthetic image of the job, sorted by source name then ``k``; pure function of its inputs.
+
+    Target-pose strategies (``cfg.strategy``, PCDMs only), all drawn per ``(seed, source, k)``:
+
+    - ``random``: a pose of the bank (the pool's usable poses) of another identity
+      (``pose_identity: other``) or any image but the source (``any``).
+    - ``same-id``: a pose of another image of the same person in the bank (the paper's text);
+      sources whose person has no other usable pose are skipped and counted.
+    - ``canonical``: one of ``canonical_k`` k-means centres of the bank's normalised poses
+      (:func:`reid_aug.posebank.canonical_poses`), named ``canonical_NN``.
+    - ``file``: ``target_poses`` is an annotation csv (its usable poses form the bank, any
+      name but the source's) or a ``from,to`` pairs csv (a source's targets are the poses of
+      its rows' ``to`` images, in file order, at most ``per_image``; sources without a row,
+      or whose targets have no usable pose, are skipped and counted).
+
+    Poses failing :func:`reid_aug.posebank.is_usable_pose` are never targets. A plan does not
+    depend on the fraction (so a sweep reuses images across fractions) when the bank does
+    not: ``pose_pool: train``, or ``file``.
 
     ``poses``: ``{name: (18, 2)}`` annotations (PCDMs: source poses and the pose bank; not used by
     toy-oracle). ``pool``: the images whose poses form the bank; default the subset, and required
     for ``pose_pool="train"`` (the whole training split). ``toy_seed``: the toy dataset's seed
     (toy-oracle only). ``image_size`` (H, W): toy-oracle render size. ``poses_file`` names the
-    annotation file in errors.
+    annotation file in errors. ``stats``: filled with the pose-bank counts (usable, unusable,
+    unannotated), ``skipped_no_target_pose`` and, for ``canonical``, the ``canonical_poses``.
     """
     records = sorted(subset_records, key=lambda r: r.name)
     if not records:
@@ -232,7 +264,8 @@ def plan_synthesis(
             if cfg.pose_pool != "subset":
                 raise SynthesisError(f"pose_pool {cfg.pose_pool!r} needs the training records (pool=dataset.train)")
             pool = records
-        items = _plan_pcdms(cfg, records, poses, pool, poses_file or "the pose annotations")
+        items = _plan_pcdms(cfg, records, poses, pool, poses_file or "the pose annotations",
+                            stats if stats is not None else {})
     seen: dict[str, str] = {}
     for item in items:
         if item.name in seen and seen[item.name] != item.source.name:
@@ -242,27 +275,82 @@ def plan_synthesis(
     return items
 
 
-def _plan_pcdms(cfg, records, poses, pool, poses_file) -> list[SynthesisItem]:
+def _plan_pcdms(cfg, records, poses, pool, poses_file, stats) -> list[SynthesisItem]:
     missing = [r.name for r in records if r.name not in poses]
     if missing and cfg.missing_source_pose == "error":
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise DatasetError(f"{poses_file}: no pose row for {len(missing)} subset image(s): {shown}; add their "
                            "keypoints, or set missing_source_pose: skip to leave them out")
-    bank = build_pose_bank(poses, pool, cfg.min_visible_joints)
-    if len(bank) == 0:
-        raise DatasetError(f"{poses_file}: none of the {cfg.pose_pool} pool's images has a usable pose "
-                           f"(>= {cfg.min_visible_joints} visible joints with neck and a hip)")
-    pid_counts = bank.pid_counts()
-    items = []
+    pairs, bank_file = None, poses_file
+    if cfg.strategy == "file":
+        pairs, bank, bank_file = _file_targets(cfg, poses)
+    else:
+        bank = build_pose_bank(poses, pool, cfg.min_visible_joints)
+    if bank is not None:
+        if len(bank) == 0:
+            raise DatasetError(f"{bank_file}: none of the {cfg.pose_pool} pool's images has a usable pose "
+                               f"(>= {cfg.min_visible_joints} visible joints with neck and a hip)")
+        stats.update(pose_bank_usable=len(bank), pose_bank_unusable=bank.num_unusable,
+                     pose_bank_unannotated=bank.num_unannotated)
+    centres = None
+    if cfg.strategy == "canonical":
+        try:
+            centres = canonical_poses(bank, cfg.canonical_k, cfg.seed)
+        except ValueError as exc:
+            raise DatasetError(f"{poses_file}: {exc}") from None
+        stats["canonical_poses"] = centres
+    identity = "same" if cfg.strategy == "same-id" else "any" if cfg.strategy == "file" else cfg.pose_identity
+    pid_counts = bank.pid_counts() if bank is not None else {}
+    items, skipped = [], 0
     for rec in records:
         if rec.name not in poses:
             continue
         src = _as_pairs(poses[rec.name])
-        for k, j in enumerate(draw_targets(bank, rec, cfg.per_image, cfg.seed, cfg.pose_identity, pid_counts)):
-            items.append(SynthesisItem(
-                synthetic_name(rec, k), rec, k, item_seed(cfg.seed, STREAM_NOISE, rec.name, k),
-                bank.names[j], _as_pairs(bank.keypoints[j]), src))
+        if centres is not None:
+            drawn = draw_canonical(len(centres), rec, cfg.per_image, cfg.seed)
+            targets = [(f"canonical_{j:02d}", centres[j]) for j in drawn]
+        elif pairs is not None:
+            targets = [(t, poses[t]) for t in pairs.get(rec.name, [])[:cfg.per_image]]
+        elif identity == "same" and num_candidates(bank, rec, identity, pid_counts) <= 0:
+            targets = []
+        else:
+            drawn = draw_targets(bank, rec, cfg.per_image, cfg.seed, identity, pid_counts)
+            targets = [(bank.names[j], bank.keypoints[j]) for j in drawn]
+        skipped += not targets
+        for k, (name, kp) in enumerate(targets):
+            items.append(SynthesisItem(synthetic_name(rec, k), rec, k, item_seed(cfg.seed, STREAM_NOISE, rec.name, k),
+                                       name, _as_pairs(kp), src))
+    stats["skipped_no_target_pose"] = skipped
     return items
+
+
+def _file_targets(cfg: SynthesisConfig, poses: Mapping[str, np.ndarray]):
+    """``strategy: file``: ``(pairs, None, file)`` for a ``from,to`` pairs csv (source name -> its target
+    names with a usable annotated pose, file order) or ``(None, bank, file)`` for an annotation csv."""
+    from pcdms.pose import PAIRS_HEADER, read_pairs_csv
+
+    path = cfg.target_poses
+    if not path.is_file():
+        raise DatasetError(f"target_poses file not found: {path}")
+    with open(path, encoding="utf-8-sig") as f:
+        header = tuple(c.strip() for c in f.readline().strip().split(","))
+    if header[-2:] == PAIRS_HEADER:
+        pairs: dict[str, list[str]] = {}
+        unknown = set()
+        for src, tgt in read_pairs_csv(path):
+            if tgt not in poses:
+                unknown.add(tgt)
+            elif is_usable_pose(poses[tgt], cfg.min_visible_joints):
+                pairs.setdefault(src, []).append(tgt)
+        if unknown:
+            raise DatasetError(f"{path}: {len(unknown)} target image(s) have no pose in the annotations "
+                               f"(e.g. {min(unknown)}); a pairs file's targets must be annotated images")
+        return pairs, None, path
+    file_poses = read_annotation_csv(path)
+    # The file's names need not be dataset images: every pose stands for its own identity.
+    pool = [ImageRecord(path=Path(name), name=name, pid=-1 - i, camid=0, label=-1)
+            for i, name in enumerate(sorted(file_poses))]
+    return None, build_pose_bank(file_poses, pool, cfg.min_visible_joints), path
 
 
 def _plan_toy(cfg, records, toy_seed, image_size) -> list[SynthesisItem]:
@@ -526,7 +614,7 @@ def _clear_outputs(out: Path) -> None:
     """--overwrite on a folder of this step: remove its images, CSVs and manifest (nothing else)."""
     for name in _image_names(out):
         (out / name).unlink()
-    for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV, PREVIEW_NAME, MANIFEST_NAME):
+    for name in (SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV, PREVIEW_NAME, CANONICAL_CSV, CANONICAL_PNG, MANIFEST_NAME):
         (out / name).unlink(missing_ok=True)
     if (out / COARSE_DIR).is_dir():
         shutil.rmtree(out / COARSE_DIR)
@@ -600,10 +688,35 @@ def _settings(cfg: SynthesisConfig, checkpoints: Mapping[str, str]) -> dict[str,
     """The ``manifest.csv`` settings columns (:data:`SETTINGS_COLUMNS`) of a job."""
     pcdms = cfg.generator == "pcdms"
     return {"generator": cfg.generator,
-            "strategy": f"random ({cfg.pose_pool} pool, {cfg.pose_identity} identities)" if pcdms else "toy-oracle",
+            "strategy": _strategy_label(cfg) if pcdms else "toy-oracle",
             "scheduler": cfg.scheduler if pcdms else "", "num_inference_steps": cfg.num_inference_steps if pcdms else "",
             "guidance_scale": cfg.guidance_scale if pcdms else "", "stages": cfg.stages if pcdms else "",
             "dtype": cfg.dtype if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
+
+
+def _strategy_label(cfg: SynthesisConfig) -> str:
+    if cfg.strategy == "random":
+        return f"random ({cfg.pose_pool} pool, {cfg.pose_identity} identities)"
+    if cfg.strategy == "canonical":
+        return f"canonical (k={cfg.canonical_k}, {cfg.pose_pool} pool)"
+    if cfg.strategy == "file":
+        return f"file ({cfg.target_poses.name})"
+    return f"same-id ({cfg.pose_pool} pool)"
+
+
+def write_canonical_poses(out: Path, centres: np.ndarray, image_size: tuple[int, int]) -> dict[str, str]:
+    """``OUT/canonical-poses.csv`` (community annotation format, names ``canonical_NN``) and
+    ``OUT/canonical-poses.png`` (their skeletons in a row); returns their sha256 by name."""
+    from pcdms.pose import draw_skeleton
+    from reid_aug.visualize import image_grid
+
+    names = [f"canonical_{j:02d}" for j in range(len(centres))]
+    write_annotation_csv(out / CANONICAL_CSV, dict(zip(names, centres)))
+    sheet = image_grid([[draw_skeleton(kp, image_size, image_size) for kp in centres]], cell=tuple(image_size),
+                       header=[n.removeprefix("canonical_") for n in names])
+    with atomic_path(out / CANONICAL_PNG) as tmp:
+        sheet.save(tmp, format="PNG")
+    return {name: sha256_file(out / name) for name in (CANONICAL_CSV, CANONICAL_PNG)}
 
 
 def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
@@ -667,8 +780,13 @@ def synthesize(
             raise DatasetError(f"pose annotation file not found: {poses_path} (community Market format "
                                "'name:keypoints_y:keypoints_x'; pass --poses FILE)")
         poses = read_annotation_csv(poses_path)
+    stats: dict[str, Any] = {}
     items = plan_synthesis(cfg, records, poses, pool=pool_records(cfg.pose_pool, records, dataset.train),
-                           toy_seed=toy_seed, image_size=image_size, poses_file=poses_path)
+                           toy_seed=toy_seed, image_size=image_size, poses_file=poses_path, stats=stats)
+    canonical = stats.pop("canonical_poses", None)
+    if not items:
+        raise DatasetError(f"strategy {cfg.strategy!r} found no target pose for any of the {len(records)} subset "
+                           f"images ({stats.get('skipped_no_target_pose', 0)} skipped)")
     plan_hash, config = plan_sha256(items), config_dict(cfg)
 
     # 2. The output folder: new, ours with the same job (resume / done), or a conflict.
@@ -717,7 +835,9 @@ def synthesize(
               "images": len(items), "existing": len(items) - len(todo), "generated_this_run": len(todo)}
     if poses is not None:
         counts["skipped_missing_source_pose"] = sum(r.name not in poses for r in records)
+        counts.update(stats)
     sources = {"dataset_root": dataset.root, "subset_file": subset_file, "poses_csv": poses_path,
+               "target_poses": cfg.target_poses,
                **(sources_extra or {})}
 
     def manifest(complete: bool, outputs: Mapping[str, str] | None = None) -> None:
@@ -768,6 +888,9 @@ def synthesize(
     if not (out / PREVIEW_NAME).exists():  # every image was reused or made by an earlier run: draw from the files
         write_preview(out, [(it, _open_rgb(out / COARSE_DIR / it.name), _open_rgb(out / it.name))
                             for it in items[:PREVIEW_ROWS]], image_size)
-    manifest(complete=True, outputs=_write_tables(out, items, records, _settings(cfg, checkpoints)))
+    outputs = _write_tables(out, items, records, _settings(cfg, checkpoints))
+    if canonical is not None:
+        outputs.update(write_canonical_poses(out, canonical, image_size))
+    manifest(complete=True, outputs=outputs)
     say(f"{out}: complete ({len(items)} images)")
     return out

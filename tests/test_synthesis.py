@@ -474,3 +474,94 @@ def test_pcdms_job_writes_manifest_csv_preview_and_coarse_images(tmp_path, datas
     with Image.open(out / "preview.png") as im:
         assert im.size == (2 + 4 * (64 + 2), 14 + 2 + 2 * (128 + 2))
     assert len(read_image_folder(out, relabel=False, keep_distractors=False)) == 3
+
+
+# --------------------------------------------------------------------------- target-pose strategies
+
+
+def test_same_id_draws_other_images_of_the_same_person_and_counts_the_skipped(dataset, subset, poses):
+    cfg = SynthesisConfig(per_image=2, pipeline=Path("unused"), strategy="same-id")
+    # One person keeps a single image in the pool: no target for it.
+    alone = subset[0]
+    pool = [r for r in subset if r.pid != alone.pid or r.name == alone.name]
+    stats: dict = {}
+    items = plan_synthesis(cfg, pool, poses, stats=stats)
+    assert items and all(parse_market_name(it.target)[0] == it.source.pid and it.target != it.source.name
+                         for it in items)
+    assert alone.name not in {it.source.name for it in items} and stats["skipped_no_target_pose"] >= 1
+    assert {it.target for it in items} <= {r.name for r in pool}
+
+
+def test_unusable_poses_are_never_targets_and_are_counted(subset, poses):
+    bad = subset[2].name
+    holey = dict(poses)
+    holey[bad] = np.full((18, 2), -1, np.int64)
+    holey[bad][:3] = 5  # three joints, no neck: unusable
+    stats: dict = {}
+    for strategy in ("random", "same-id"):
+        items = plan_synthesis(SynthesisConfig(per_image=3, pipeline=Path("unused"), strategy=strategy,
+                                               missing_source_pose="skip"), subset, holey, stats=stats)
+        assert bad not in {it.target for it in items} and stats["pose_bank_unusable"] == 1
+
+
+def test_canonical_poses_are_kmeans_centres_of_the_bank(dataset, subset, poses):
+    cfg = SynthesisConfig(per_image=2, pipeline=Path("unused"), strategy="canonical", canonical_k=3, pose_pool="train")
+    stats: dict = {}
+    items = plan_synthesis(cfg, subset, poses, pool=dataset.train, stats=stats)
+    centres = stats["canonical_poses"]
+    assert centres.shape == (3, 18, 2) and len(items) == 2 * len(subset)
+    for it in items:
+        j = int(it.target.removeprefix("canonical_"))
+        assert np.array_equal(np.array(it.target_keypoints), centres[j])
+    assert all(a.target != b.target for a, b in zip(items[::2], items[1::2]))  # a source's 2 draws differ
+    # The centres are the bank's: the normalised mean of each cluster lies among the bank's poses.
+    from reid_aug.posebank import build_pose_bank, normalize_poses
+
+    bank = build_pose_bank(poses, dataset.train, cfg.min_visible_joints)
+    norm_bank = normalize_poses(bank.keypoints)[0][:, :14]
+    norm_centres = normalize_poses(centres)[0][:, :14]
+    lo, hi = np.nanmin(norm_bank, axis=0), np.nanmax(norm_bank, axis=0)
+    assert ((norm_centres >= lo - 0.1) & (norm_centres <= hi + 0.1)).all()
+    # Nested subsets: the pose pool does not depend on the fraction, so neither do a source's targets.
+    smaller = make_subset(dataset.train, 0.1, seed=0)
+    again = {it.name: it for it in plan_synthesis(cfg, smaller, poses, pool=dataset.train)}
+    assert all(again[it.name] == it for it in items if it.name in again) and again
+
+
+def test_file_strategy_takes_targets_from_pairs_or_annotations(tmp_path, subset, poses):
+    from pcdms.pose import write_annotation_csv, write_pairs_csv
+
+    others = [r.name for r in subset[3:6]]
+    write_pairs_csv(tmp_path / "pairs.csv", [(subset[0].name, others[0]), (subset[0].name, others[1]),
+                                             (subset[1].name, others[2])])
+    cfg = SynthesisConfig(per_image=5, pipeline=Path("unused"), strategy="file", target_poses=tmp_path / "pairs.csv")
+    stats: dict = {}
+    items = plan_synthesis(cfg, subset, poses, stats=stats)
+    assert [(it.source.name, it.target) for it in items] == sorted(
+        [(subset[0].name, others[0]), (subset[0].name, others[1]), (subset[1].name, others[2])])
+    assert stats["skipped_no_target_pose"] == len(subset) - 2
+    bom = tmp_path / "pairs-bom.csv"  # written by Excel: a byte-order mark before the header
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "pairs.csv").read_bytes())
+    assert plan_synthesis(dataclasses.replace(cfg, target_poses=bom), subset, poses) == items
+
+    write_annotation_csv(tmp_path / "targets.csv", {"walk_a.jpg": poses[others[0]], "walk_b.jpg": poses[others[1]]})
+    cfg = dataclasses.replace(cfg, per_image=1, target_poses=tmp_path / "targets.csv")
+    items = plan_synthesis(cfg, subset, poses)
+    assert len(items) == len(subset) and {it.target for it in items} <= {"walk_a.jpg", "walk_b.jpg"}
+    with pytest.raises(ValueError, match="needs target_poses"):
+        SynthesisConfig(strategy="file")
+
+
+def test_canonical_job_writes_the_centres_and_their_sheet(tmp_path, dataset, subset, tiny_pipeline):
+    torch.set_num_threads(1)
+    sources = subset[:2]
+    cfg = _pcdms_cfg(tiny_pipeline, strategy="canonical", canonical_k=4, pose_pool="train", stages="B1")
+    out = synthesize(cfg, dataset, sources, tmp_path / "c", progress=False)
+    centres = read_annotation_csv(out / "canonical-poses.csv")
+    assert sorted(centres) == [f"canonical_{j:02d}" for j in range(4)]
+    table = pd.read_csv(out / SYNTHESIS_CSV, dtype=str)
+    assert set(table["target"]) <= set(centres) and table["strategy"][0] == "canonical (k=4, train pool)"
+    with Image.open(out / "canonical-poses.png") as im:
+        assert im.size[0] == 2 + 4 * (64 + 2)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["pose_bank_usable"] > 0 and "pose_bank_unusable" in counts

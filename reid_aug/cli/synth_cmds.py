@@ -79,12 +79,18 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 @click.option("--device", default=None, help="torch device (default cuda if available, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Pipeline dtype (default float32).")
+@click.option("--strategy", type=click.Choice(["random", "same-id", "canonical", "file"]), default=None,
+              help="Target poses: random (default; the pose bank, other identities), same-id (other images of the "
+                   "same person), canonical (k-means centres of the bank), file (--target-poses).")
+@click.option("--k", "canonical_k", type=int, default=None, help="Number of canonical poses (default 8).")
+@click.option("--target-poses", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="strategy file: an annotation csv (poses to draw from) or a from,to pairs csv.")
 @click.option("--keep-coarse", is_flag=True, default=None, help="Also write the stage-2 (coarse) images to OUT/coarse/.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
 def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
                    out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
                    vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
-                   device, dtype, keep_coarse, overwrite: bool) -> None:
+                   device, dtype, strategy, canonical_k, target_poses, keep_coarse, overwrite: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
 
     \b
@@ -101,12 +107,14 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     OUT/manifest.json
     A killed run resumes where it stopped when run again with the same options.
     """
+    if target_poses is not None and strategy is None:
+        strategy = "file"
     overrides = {
         "generator": generator, "pose_pool": pose_pool, "pipeline": pipeline, "clip_checkpoint": clip_checkpoint,
         "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
         "guidance_scale": guidance, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
-        "keep_coarse": keep_coarse,
+        "keep_coarse": keep_coarse, "strategy": strategy, "canonical_k": canonical_k, "target_poses": target_poses,
     }
     if data_root is None and out is None:
         return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides, overwrite)

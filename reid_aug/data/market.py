@@ -93,7 +93,7 @@ def parse_market_name(name: str) -> tuple[int, int]:
 
 
 # Pictures reid-aug writes beside the images of a folder that are not images of people (synthesis previews).
-NOT_DATASET_IMAGES = frozenset({"preview.png"})
+NOT_DATASET_IMAGES = frozenset({"preview.png", "canonical-poses.png"})
 
 
 def is_image_file(path: Path) -> bool:

@@ -118,7 +118,7 @@ def write_subset_csv(path: str | Path, records: Sequence[ImageRecord], meta: Map
 def read_subset_meta(path: str | Path) -> dict[str, Any]:
     """The ``# key: json`` lines at the top of a subset CSV."""
     meta = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8-sig").splitlines():
         if not line.startswith("#"):
             break
         key, sep, value = line[1:].partition(":")
@@ -140,7 +140,7 @@ def read_subset_csv(path: str | Path, dataset: ReidDataset) -> list[ImageRecord]
     if not path.is_file():
         raise DatasetError(f"subset file not found: {path}")
     train = {r.name: r for r in dataset.train}
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: files saved by Excel start with a BOM
     start = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
     rows = csv.reader(lines[start:])
     header = next(rows, None)
