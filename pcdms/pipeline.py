@@ -86,6 +86,39 @@ def latent_schedule_config(preset=None) -> dict:
     return config
 
 
+def check_sampler_steps(name: str, config: dict, num_inference_steps: int, what: str = "schedule") -> None:
+    """Raise ValueError unless sampler ``name`` runs ``num_inference_steps`` steps on the noise schedule
+    ``config`` (a ``scheduler_config.json`` mapping).
+
+    Run before any network loads: the sampler's loop is stepped on a tiny tensor with a zero model
+    output, which is what a trained model would be fed step by step, so every schedule-dependent
+    failure (more steps than training timesteps, index errors at the last step of some
+    solvers, non-finite values) shows here, in well under a second, rather than after loading.
+    """
+    import logging as _logging
+
+    scheduler = make_scheduler(name, {k: v for k, v in config.items() if not k.startswith("_")})
+    problem = None
+    quiet = _logging.getLogger("diffusers.schedulers")  # "call scale_model_input first": not meant for a probe
+    level = quiet.level
+    quiet.setLevel(_logging.ERROR)
+    try:
+        scheduler.set_timesteps(num_inference_steps)
+        x = torch.ones(1, 1, 2, 2)
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+        if not torch.isfinite(x).all():
+            problem = "it gives non-finite values"
+    except (ValueError, IndexError, AssertionError, RuntimeError) as exc:
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'failed'}"
+    finally:
+        quiet.setLevel(level)
+    if problem is not None:
+        raise ValueError(f"the {name} sampler cannot take {num_inference_steps} steps on the {what} "
+                         f"({config.get('num_train_timesteps')} training timesteps): {problem}; use fewer "
+                         "steps (the paper samples with 50)")
+
+
 def make_scheduler(name: str, config: dict):
     """A fresh sampler ``name`` (one of :data:`SCHEDULERS`) on the noise schedule ``config``."""
     if name not in SCHEDULERS:

@@ -68,12 +68,22 @@ class ExperimentConfig:
             raise ValueError("nothing to run: standard is off and no augmentation method is given")
 
 
-def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool) -> None:
-    """A run folder belongs to one experiment config: mixing two would corrupt the table."""
+def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool,
+                        normalize: Callable[[dict], dict] | None = None) -> None:
+    """A run folder belongs to one experiment config: mixing two would corrupt the table.
+
+    ``normalize`` rebuilds the stored record with today's defaults (the CLI parses it back into an
+    :class:`ExperimentConfig`), so a key added to the toolkit since does not count as a change.
+    """
     manifest = read_manifest(run_dir)
     if manifest is None or overwrite:
         return
     old = manifest.get("config")
+    if normalize is not None and isinstance(old, dict):
+        try:
+            old = normalize(old)
+        except (ValueError, TypeError):  # a key since removed: compare as stored, the diff names it
+            pass
     if old != config:
         changed = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != config.get(k))
         raise ValueError(
@@ -82,7 +92,8 @@ def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool) -> None:
         )
 
 
-def open_run_dir(cfg: ExperimentConfig, run_dir: str | Path, config_record: dict, overwrite: bool = False) -> ReidDataset:
+def open_run_dir(cfg: ExperimentConfig, run_dir: str | Path, config_record: dict, overwrite: bool = False,
+                 normalize: Callable[[dict], dict] | None = None) -> ReidDataset:
     """Check that ``run_dir`` holds this experiment (or nothing yet), record it there; return the dataset.
 
     Every command that writes a cell (``run``, and ``synthesize`` / ``train-bot`` in a workspace)
@@ -90,7 +101,7 @@ def open_run_dir(cfg: ExperimentConfig, run_dir: str | Path, config_record: dict
     """
     run_dir = Path(run_dir)
     dataset = read_reid_dataset(cfg.data)
-    _check_run_manifest(run_dir, config_record, overwrite)
+    _check_run_manifest(run_dir, config_record, overwrite, normalize)
     write_manifest(
         run_dir,
         "run",
@@ -160,6 +171,7 @@ def run_experiment(
     config_record: dict,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
+    normalize: Callable[[dict], dict] | None = None,
 ) -> Path:
     """Run (or resume) every cell of the sweep under ``run_dir``; return ``run_dir``.
 
@@ -168,7 +180,7 @@ def run_experiment(
     made in the same run folder (a workspace) are found done and skipped.
     """
     run_dir = Path(run_dir)
-    dataset = open_run_dir(cfg, run_dir, config_record, overwrite)
+    dataset = open_run_dir(cfg, run_dir, config_record, overwrite, normalize)
     arms: list[MethodConfig | None] = ([None] if cfg.standard else []) + list(cfg.methods)
     cells = [(seed, fraction, arm) for seed in cfg.seeds for fraction in cfg.fractions for arm in arms]
     for i, (seed, fraction, arm) in enumerate(cells, 1):

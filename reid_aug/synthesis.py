@@ -478,10 +478,18 @@ def check_pcdms_weights(cfg: SynthesisConfig) -> Path:
     message = _missing_weights_message(cfg)
     if message:
         raise WeightsNotFoundError(message)
-    from pcdms.pipeline import STAGES
+    from pcdms.pipeline import STAGES, check_sampler_steps
 
     have = set(read_json_object(folder / "model_index.json").get("stages", []))
     use_prior, use_refine = STAGES[cfg.stages]
+    for sub, used in (("prior_scheduler", use_prior), ("latent_scheduler", True)):
+        path = folder / sub / "scheduler_config.json"
+        if used and path.is_file():
+            try:
+                check_sampler_steps(cfg.scheduler, read_json_object(path), cfg.num_inference_steps,
+                                    f"{sub.removesuffix('_scheduler')} schedule ({path})")
+            except ValueError as exc:
+                raise SynthesisError(f"--steps {cfg.num_inference_steps}: {exc}") from None
     lacking = [name for name, used in (("prior", use_prior), ("refine", use_refine)) if used and name not in have]
     if lacking:
         usable = [k for k, (p, r) in STAGES.items() if (not p or "prior" in have) and (not r or "refine" in have)]

@@ -565,3 +565,20 @@ def test_canonical_job_writes_the_centres_and_their_sheet(tmp_path, dataset, sub
         assert im.size[0] == 2 + 4 * (64 + 2)
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["pose_bank_usable"] > 0 and "pose_bank_unusable" in counts
+
+
+def test_steps_the_sampler_cannot_take_are_refused_before_anything_loads(tmp_path, dataset, subset, tiny_pipeline,
+                                                                          monkeypatch):
+    import reid_aug.synthesis as synthesis
+    from pcdms.pipeline import check_sampler_steps
+
+    schedule = json.loads((tiny_pipeline / "latent_scheduler" / "scheduler_config.json").read_text())
+    check_sampler_steps("ddim", schedule, 50)
+    with pytest.raises(ValueError, match="cannot take 1001 steps"):
+        check_sampler_steps("ddim", schedule, 1001)
+    monkeypatch.setattr(synthesis, "load_pcdms", lambda cfg: pytest.fail("loaded the models"))
+    for scheduler in ("ddim", "euler"):
+        with pytest.raises(SynthesisError, match=f"--steps 1001: the {scheduler} sampler cannot take 1001 steps"):
+            cfg = dataclasses.replace(_pcdms_cfg(tiny_pipeline, scheduler=scheduler), num_inference_steps=1001)
+            synthesize(cfg, dataset, subset[:2], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -107,3 +107,15 @@ def test_without_a_workspace_file_the_builtin_toy_data_is_made_once(tmp_path: Pa
     assert "making the built-in toy Market" not in out
     assert (tmp_path / "cache" / "toy-market-seed0-ids100" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # a dry run writes nothing in the workspace
+
+
+def test_a_run_record_from_before_a_new_key_is_not_a_changed_config(workspace: Path) -> None:
+    _invoke(["synthesize", "--subset", "0.5"])
+    manifest = json.loads((workspace / "manifest.json").read_text())
+    for method in manifest["config"]["methods"]:
+        del method["synthesis"]["strategy"]  # as written by a version without target-pose strategies
+    (workspace / "manifest.json").write_text(json.dumps(manifest))
+    _invoke(["train-bot", "--subset", "0.5"])
+    (workspace / "reid-aug.yaml").write_text((workspace / "reid-aug.yaml").read_text().replace("epochs: 1", "epochs: 2"))
+    out = _invoke(["train-bot", "--subset", "0.5"], ok=False)
+    assert "different experiment config" in out and "'bot'" in out

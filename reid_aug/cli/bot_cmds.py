@@ -10,7 +10,7 @@ import click
 
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.cli.app import main
-from reid_aug.cli.config import config_to_dict, load_config, read_yaml
+from reid_aug.cli.config import config_to_dict, load_config, normalize_record, read_yaml
 from reid_aug.data.market import DatasetError, read_image_folder, read_reid_dataset
 from reid_aug.data.subset import read_subset_csv
 
@@ -151,7 +151,7 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
     from reid_aug.layout import STANDARD, cell_dir
     from reid_aug.data.subset import make_subset
-    from reid_aug.sweep import open_run_dir, train_cell
+    from reid_aug.sweep import ExperimentConfig, open_run_dir, train_cell
     from reid_aug.synthesis import SynthesisError
 
     for flag, given in (("--synthetic", synthetic_dirs), ("--config", config_path), ("--cache-dir", cache_dir),
@@ -179,7 +179,7 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
                        f"{cell_dir(ws.root, name, frac, seed)}")
             _print_plan(dataclasses.replace(cfg.bot, seed=seed), records, [])
             return
-        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws))
+        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), normalize=normalize_record(ExperimentConfig))
         metrics = train_cell(cfg, ws.root, dataset, method, frac, seed, echo=click.echo,
                              label=f"workspace {ws.root}: {name} fraction {frac:g} seed {seed}")
     except (DatasetError, SynthesisError, ValueError, FileNotFoundError) as exc:

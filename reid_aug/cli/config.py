@@ -167,3 +167,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(cfg)
+
+
+def normalize_record(cls: type[T]):
+    """``record -> record``: a stored config record rebuilt as ``cls`` with today's defaults, for comparing
+    a manifest written before a key was added with the config of now."""
+
+    def normalize(record: dict) -> dict:
+        try:
+            return config_to_dict(_build(cls, record, ""))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    return normalize

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from reid_aug.cli.app import main
-from reid_aug.cli.config import config_to_dict, load_config
+from reid_aug.cli.config import config_to_dict, load_config, normalize_record
 from reid_aug.data.market import DatasetError
 from reid_aug.data.toy import make_toy_market, read_toy_manifest
 from reid_aug.report import make_report
@@ -30,7 +30,8 @@ def _comma_list(text: str | None, cast: type) -> tuple | None:
 
 def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool, record: dict | None = None) -> None:
     try:
-        run_experiment(cfg, out, record or config_to_dict(cfg), overwrite=overwrite, echo=click.echo)
+        run_experiment(cfg, out, record or config_to_dict(cfg), overwrite=overwrite, echo=click.echo,
+                       normalize=normalize_record(ExperimentConfig))
     except (DatasetError, ValueError, FileExistsError) as exc:
         raise click.ClickException(str(exc)) from None
     paths = make_report(out)

@@ -10,7 +10,7 @@ import click
 from pcdms.encoders import WeightsNotFoundError
 from pcdms.pose import PoseFormatError
 from reid_aug.cli.app import main
-from reid_aug.cli.config import config_to_dict, load_config
+from reid_aug.cli.config import config_to_dict, load_config, normalize_record
 from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
 from reid_aug.data.subset import make_subset, read_subset_csv
 from reid_aug.manifest import read_manifest
@@ -161,7 +161,7 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
                    overwrite: bool) -> None:
     """`synthesize` in a workspace: the synthetic cell (method, fraction, seed) of its run folder."""
     from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
-    from reid_aug.sweep import open_run_dir, synthesize_cell
+    from reid_aug.sweep import ExperimentConfig, open_run_dir, synthesize_cell
 
     if config_path is not None:
         raise click.UsageError("--config is for one-off jobs (--data/--out); a workspace's settings are in its "
@@ -189,7 +189,8 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         # --overwrite: accept a changed reid-aug.yaml for the run folder (and replace this cell's images)
-        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), overwrite=overwrite)
+        dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), overwrite=overwrite,
+                               normalize=normalize_record(ExperimentConfig))
         click.echo(f"workspace {ws.root}: method {method.name}, fraction {frac:g}, seed {seed}; generator "
                    f"{syn.generator} ({syn.pipeline or ''}), {syn.per_image} per image")
         out = synthesize_cell(ws.config, ws.root, dataset, method, frac, seed, echo=click.echo, overwrite=overwrite)
