@@ -123,15 +123,19 @@ def ensure_subset(dataset: ReidDataset, run_dir: str | Path, fraction: float, se
 
 def synthesize_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig,
                     fraction: float, seed: int, echo: Callable[[str], None] = print,
-                    progress: bool = True, overwrite: bool = False) -> Path:
-    """Make (or resume, or find complete) the synthetic images of one cell; return their folder."""
-    sub_path, records = ensure_subset(dataset, run_dir, fraction, seed)
+                    progress: bool = True, overwrite: bool = False, dry_run: bool = False) -> Path | dict:
+    """Make (or resume, or find complete) the synthetic images of one cell; return their folder
+    (``dry_run``: write nothing, return the plan, see :func:`reid_aug.synthesis.synthesize`)."""
+    if dry_run:
+        sub_path, records = subset_path(run_dir, fraction, seed), make_subset(dataset.train, fraction, seed)
+    else:
+        sub_path, records = ensure_subset(dataset, run_dir, fraction, seed)
     syn_cfg = dataclasses.replace(method.synthesis, seed=seed, device=method.synthesis.device or cfg.device)
     # Nested subsets share sources: images the same job made at another fraction are reused.
     others = [synthetic_dir(run_dir, method.name, f, seed) for f in cfg.fractions if f != fraction]
     return synthesize(syn_cfg, dataset, records, synthetic_dir(run_dir, method.name, fraction, seed),
                       poses_csv=cfg.poses, subset_file=sub_path, reuse_from=others, log=echo, progress=progress,
-                      overwrite=overwrite)
+                      overwrite=overwrite, dry_run=dry_run)
 
 
 def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig | None,

@@ -593,7 +593,9 @@ def _image_names(folder: Path) -> set[str]:
 
 
 def _compared_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    # Keys a stored config lacks (written before the key existed) take their default: not a change.
+    defaults = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}
+    return {k: v for k, v in {**defaults, **config}.items() if k not in EXECUTION_KEYS}
 
 
 def read_synthesis_manifest(out: Path) -> dict | None:
@@ -753,8 +755,12 @@ def synthesize(
     sources_extra: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     reuse_from: Sequence[str | Path] = (),
-) -> Path:
+    dry_run: bool = False,
+) -> Path | dict[str, Any]:
     """Run (or resume) the synthesis job of ``cfg`` for ``subset_records`` into ``out_dir``; return it.
+
+    ``dry_run``: plan only, write nothing and load no network; return the plan as a dict
+    (images, already made, reusable, to make, batches, strategy, pose-bank counts, settings).
 
     ``reuse_from``: other complete synthesis folders (e.g. the same method at other fractions of
     a sweep). An image is a pure function of (source, k, seed, target pose, generator, settings),
@@ -808,6 +814,15 @@ def synthesize(
         if diffs and not overwrite:
             raise SynthesisError(f"{out} was made with another synthesis job ({'; '.join(diffs)}); use --overwrite "
                                  "to replace it, or choose another output folder")
+    if dry_run:
+        existing = set() if overwrite or not out.is_dir() else _image_names(out) & {it.name for it in items}
+        left = [it for it in items if it.name not in existing]
+        reusable = _reusable(left, out, reuse_from, config, {}) if reuse_from else {}
+        return {"out": str(out), "images": len(items), "sources": len(records), "existing": len(existing),
+                "reusable": len(reusable), "to_make": len(left) - len(reusable),
+                "batches": math.ceil((len(left) - len(reusable)) / cfg.batch_size) if cfg.generator == "pcdms" else 0,
+                **_settings(cfg, {}), **{k: v for k, v in stats.items()}, "config": config}
+    if stored is not None:
         if overwrite:
             _clear_outputs(out)
             stored = None

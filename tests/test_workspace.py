@@ -43,6 +43,9 @@ def workspace(toy: Path, tmp_path: Path, monkeypatch) -> Path:
 
 
 def test_the_short_commands_share_the_sweep_cells(workspace: Path) -> None:
+    out = _invoke(["synthesize", "--subset", "0.5", "--dry-run"])
+    assert "nothing written" in out and "to make" in out
+    assert sorted(p.name for p in workspace.iterdir()) == ["data", "notes", "reid-aug.yaml"]
     out = _invoke(["synthesize", "--subset", "0.5"])
     assert "method oracle, fraction 0.5, seed 3" in out
     syn = synthetic_dir(workspace, "oracle", 0.5, 3)
@@ -115,6 +118,11 @@ def test_a_run_record_from_before_a_new_key_is_not_a_changed_config(workspace: P
     for method in manifest["config"]["methods"]:
         del method["synthesis"]["strategy"]  # as written by a version without target-pose strategies
     (workspace / "manifest.json").write_text(json.dumps(manifest))
+    syn = synthetic_dir(workspace, "oracle", 0.5, 3) / "manifest.json"
+    stored = json.loads(syn.read_text())
+    del stored["config"]["strategy"]
+    syn.write_text(json.dumps(stored))
+    assert "nothing to do" in _invoke(["synthesize", "--subset", "0.5"])
     _invoke(["train-bot", "--subset", "0.5"])
     (workspace / "reid-aug.yaml").write_text((workspace / "reid-aug.yaml").read_text().replace("epochs: 1", "epochs: 2"))
     out = _invoke(["train-bot", "--subset", "0.5"], ok=False)

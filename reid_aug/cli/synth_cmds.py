@@ -87,10 +87,14 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
               help="strategy file: an annotation csv (poses to draw from) or a from,to pairs csv.")
 @click.option("--keep-coarse", is_flag=True, default=None, help="Also write the stage-2 (coarse) images to OUT/coarse/.")
 @click.option("--overwrite", is_flag=True, help="Replace an output folder made with another config.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (images, what exists or is reusable, batches, strategy, pose bank); write nothing, "
+                   "load no weights.")
 def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
                    out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
                    vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
-                   device, dtype, strategy, canonical_k, target_poses, keep_coarse, overwrite: bool) -> None:
+                   device, dtype, strategy, canonical_k, target_poses, keep_coarse, overwrite: bool,
+                   dry_run: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
 
     \b
@@ -117,7 +121,8 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
         "keep_coarse": keep_coarse, "strategy": strategy, "canonical_k": canonical_k, "target_poses": target_poses,
     }
     if data_root is None and out is None:
-        return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides, overwrite)
+        return _workspace_job(subset, fraction, subset_seed, method, config_path, poses_csv, overrides, overwrite,
+                              dry_run)
     if data_root is None or out is None:
         raise click.UsageError("give both --data and --out (a one-off job), or neither (the workspace's cell)")
     if method is not None:
@@ -131,11 +136,30 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
         summary = records_summary(records)
         click.echo(f"real subset: {summary['num_images']:,} images, {summary['num_pids']:,} ids; "
                    f"generator {cfg.generator}, {cfg.per_image} per image")
-        synthesize(cfg, dataset, records, out, poses_csv=poses_csv, subset_file=subset_file, overwrite=overwrite,
-                   progress=True, sources_extra=notes, log=click.echo)
+        result = synthesize(cfg, dataset, records, out, poses_csv=poses_csv, subset_file=subset_file,
+                            overwrite=overwrite, progress=True, sources_extra=notes, log=click.echo, dry_run=dry_run)
     except (DatasetError, PoseFormatError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    if dry_run:
+        return _print_plan(result)
     _summary(out)
+
+
+def _print_plan(plan: dict) -> None:
+    """--dry-run: the plan of a synthesis job, one line per fact."""
+    click.echo(f"plan for {plan['out']} (nothing written, no weights loaded):")
+    click.echo(f"  {plan['images']:,} images of {plan['sources']:,} real images: {plan['existing']:,} already there, "
+               f"{plan['reusable']:,} reusable from other fractions, {plan['to_make']:,} to make"
+               + (f" in {plan['batches']:,} batches of {plan['config']['batch_size']}" if plan["batches"] else ""))
+    click.echo(f"  generator {plan['generator']}; target poses: {plan['strategy']}")
+    if plan["generator"] == "pcdms":
+        click.echo(f"  sampler {plan['scheduler']}, {plan['num_inference_steps']} steps, guidance "
+                   f"{plan['guidance_scale']}, stages {plan['stages']}, {plan['dtype']}")
+        bank = {k.removeprefix("pose_bank_"): plan[k] for k in plan if k.startswith("pose_bank_")}
+        if bank:
+            click.echo("  pose bank: " + ", ".join(f"{v:,} {k}" for k, v in bank.items())
+                       + f"; {plan.get('skipped_no_target_pose', 0):,} sources without a target pose")
+    click.echo("  time: not estimated (run a small --subset first; progress shows images/s)")
 
 
 def _summary(out: Path) -> None:
@@ -158,7 +182,7 @@ def workspace_fraction(subset: str | None, fraction: float | None) -> float:
 
 
 def _workspace_job(subset, fraction, subset_seed, method_name, config_path, poses_csv, overrides,
-                   overwrite: bool) -> None:
+                   overwrite: bool, dry_run: bool) -> None:
     """`synthesize` in a workspace: the synthetic cell (method, fraction, seed) of its run folder."""
     from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
     from reid_aug.sweep import ExperimentConfig, open_run_dir, synthesize_cell
@@ -188,6 +212,10 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
     if syn.generator == "pcdms" and syn.allow_random_weights:
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
+        if dry_run:
+            plan = synthesize_cell(ws.config, ws.root, read_reid_dataset(ws.config.data), method, frac, seed,
+                                   echo=click.echo, overwrite=overwrite, dry_run=True)
+            return _print_plan(plan)
         # --overwrite: accept a changed reid-aug.yaml for the run folder (and replace this cell's images)
         dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), overwrite=overwrite,
                                normalize=normalize_record(ExperimentConfig))
