@@ -73,8 +73,9 @@ SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps",
                     "dtype", "pipeline_sha256")
 JPEG_QUALITY = 95
 DEFAULT_POSES_FILE = "market-annotation-train.csv"
-# Settings that do not change a single output pixel's recipe: a job may resume with other values.
-EXECUTION_KEYS = ("batch_size", "device")
+# Settings a job may resume with other values of. (batch_size is not one: it can change the float
+# rounding, see _pcdms_generate; the device is recorded in the manifest.)
+EXECUTION_KEYS = ("device",)
 RANDOM_WEIGHTS_WARNING = (
     "allow_random_weights: encoders without a checkpoint path ran with RANDOM weights; these images are not "
     "meaningful (tests and smoke runs only)"
@@ -542,20 +543,20 @@ def _load_source(path: Path, size: tuple[int, int]) -> torch.Tensor:
         raise DatasetError(f"unreadable source image {exc}") from None
 
 
-def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, pipe, cfg: SynthesisConfig,
-                    bar) -> None:
-    """Make the ``todo`` images of the plan ``items``.
+def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: SynthesisConfig, bar) -> None:
+    """Make the ``todo`` images, ``cfg.batch_size`` per pipeline call.
 
-    Batches are fixed slices of ``items`` (the plan less what is reused from other folders), not of
-    what is left: a resumed job runs the same batches as an uninterrupted one (re-running the few
-    done images of a half-written batch, writing only the missing ones), so its images are
-    bit-identical on the same device.
+    Every call has exactly ``batch_size`` samples (a short last batch is padded with copies of
+    its last item, whose outputs are dropped): each sample's noise comes from its own generator
+    and no layer mixes samples, so with the batch size fixed an image's bytes do not depend on
+    the other images of its batch (tested on CPU), hence not on resume points, shards or which
+    other images the job holds. Another batch size can change the rounding (oneDNN picks other
+    convolution kernels), which is why ``batch_size`` is part of a job's identity.
     """
     size = tuple(pipe.preset.image_size)
-    for start in range(0, len(items), cfg.batch_size):
-        batch = items[start:start + cfg.batch_size]
-        if not any(it.name in todo for it in batch):
-            continue
+    for start in range(0, len(todo), cfg.batch_size):
+        real = list(todo[start:start + cfg.batch_size])
+        batch = real + [real[-1]] * (cfg.batch_size - len(real))
         images = torch.stack([_load_source(it.source.path, size) for it in batch])
         src = np.array([it.source_keypoints for it in batch], dtype=np.int64)
         tgt = np.array([it.target_keypoints for it in batch], dtype=np.int64)
@@ -565,13 +566,12 @@ def _pcdms_generate(items: Sequence[SynthesisItem], todo: set[str], out: Path, p
                       guidance_scale=cfg.guidance_scale, generator=gens, stages=cfg.stages,
                       scheduler=cfg.scheduler, output_type="pt")
         pixels, coarse = (_to_uint8(x) for x in (result.images, result.coarse_images))
-        for it, px, cx in zip(batch, pixels, coarse):
-            if it.name in todo:
-                if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
-                    _save_jpeg(Image.fromarray(cx), out / COARSE_DIR / it.name)
-                _save_jpeg(Image.fromarray(px), out / it.name)
-                bar.update(1)
-        write_preview(out, list(zip(batch, coarse, pixels))[:PREVIEW_ROWS], size)
+        for it, px, cx in zip(real, pixels, coarse):
+            if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
+                _save_jpeg(Image.fromarray(cx), out / COARSE_DIR / it.name)
+            _save_jpeg(Image.fromarray(px), out / it.name)
+            bar.update(1)
+        write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -595,7 +595,9 @@ def _image_names(folder: Path) -> set[str]:
 def _compared_config(config: Mapping[str, Any]) -> dict[str, Any]:
     # Keys a stored config lacks (written before the key existed) take their default: not a change.
     defaults = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)}
-    return {k: v for k, v in {**defaults, **config}.items() if k not in EXECUTION_KEYS}
+    merged = {**defaults, **config}
+    ignored = EXECUTION_KEYS + (("batch_size",) if merged["generator"] == "toy-oracle" else ())  # draws one by one
+    return {k: v for k, v in merged.items() if k not in ignored}
 
 
 def read_synthesis_manifest(out: Path) -> dict | None:
@@ -878,8 +880,8 @@ def synthesize(
         write_manifest(out, STEP, config=config, seed=cfg.seed, sources=sources, checkpoints=checkpoints,
                        extra=extra)
 
-    # Reuse is decided over the whole plan (not just what is missing), so a resumed job forms the
-    # same generation batches as an uninterrupted one.
+    # Reuse is counted over the whole plan (not just what is missing), so the manifest of a resumed job
+    # says what an uninterrupted one says.
     reusable = _reusable(items, out, reuse_from, config, checkpoints) if reuse_from else {}
     if reusable:
         linked = [it for it in todo if it.name in reusable]
@@ -901,8 +903,7 @@ def synthesize(
             if cfg.generator == "toy-oracle":
                 _toy_generate(todo, out, toy_seed, image_size, bar)
             else:
-                _pcdms_generate([it for it in items if it.name not in reusable], {it.name for it in todo}, out, pipe,
-                                cfg, bar)
+                _pcdms_generate(todo, out, pipe, cfg, bar)
 
     # 4. Tables and manifest from the full plan.
     missing = planned - _image_names(out)
