@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -400,7 +402,8 @@ def toy_oracle_image(toy_seed: int, pid: int, camid: int, pose: PoseParams, rng:
     return render_person(identity_for(toy_seed, pid), pose, camera_for(toy_seed, camid + 1), rng, height, width)
 
 
-def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, image_size, bar) -> None:
+def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, image_size, bar,
+                  preview: bool = True) -> None:
     h, w = image_size
     shown = []
     for item in items:
@@ -411,7 +414,7 @@ def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, imag
                                "since this folder was planned (re-run with --overwrite)")
         _save_jpeg(img, out / item.name)
         bar.update(1)
-        if len(shown) < PREVIEW_ROWS:
+        if preview and len(shown) < PREVIEW_ROWS:
             shown.append((item, None, np.asarray(img)))
             if len(shown) == min(PREVIEW_ROWS, len(items)):
                 write_preview(out, shown, image_size)
@@ -543,7 +546,8 @@ def _load_source(path: Path, size: tuple[int, int]) -> torch.Tensor:
         raise DatasetError(f"unreadable source image {exc}") from None
 
 
-def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: SynthesisConfig, bar) -> None:
+def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: SynthesisConfig, bar,
+                    preview: bool = True) -> None:
     """Make the ``todo`` images, ``cfg.batch_size`` per pipeline call.
 
     Every call has exactly ``batch_size`` samples (a short last batch is padded with copies of
@@ -571,7 +575,8 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
                 _save_jpeg(Image.fromarray(cx), out / COARSE_DIR / it.name)
             _save_jpeg(Image.fromarray(px), out / it.name)
             bar.update(1)
-        write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
+        if preview:
+            write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -764,6 +769,11 @@ def synthesize(
     ``dry_run``: plan only, write nothing and load no network; return the plan as a dict
     (images, already made, reusable, to make, batches, strategy, pose-bank counts, settings).
 
+    Several processes (``torchrun --nproc_per_node N $(which reid-aug) synthesize ...`` or
+    ``accelerate launch``; one GPU each): process ``r`` makes images ``r, r + N, ...`` of what is
+    left, and process 0 writes the tables and the one manifest when all are done. The images are
+    the same bytes as one process makes (each is independent of its batch company).
+
     ``reuse_from``: other complete synthesis folders (e.g. the same method at other fractions of
     a sweep). An image is a pure function of (source, k, seed, target pose, generator, settings),
     so a planned image that such a folder made with the same config, the same pipeline weights
@@ -775,7 +785,8 @@ def synthesize(
     config or plan is an error unless ``overwrite`` (then its images and tables are replaced);
     ``batch_size`` and ``device`` may change between runs. ``log`` receives status lines.
     """
-    say = log or (lambda _msg: None)
+    rank, world = _process_group()
+    say = log if log is not None and rank == 0 else (lambda _msg: None)
     out = Path(out_dir).absolute()
     records = sorted(subset_records, key=lambda r: r.name)
     _check_identities(dataset, records)
@@ -826,10 +837,14 @@ def synthesize(
                 **_settings(cfg, {}), **{k: v for k, v in stats.items()}, "config": config}
     if stored is not None:
         if overwrite:
-            _clear_outputs(out)
+            if rank == 0:
+                _clear_outputs(out)
             stored = None
-        _remove_stale_temps(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            _remove_stale_temps(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(world)
     planned = {it.name for it in items}
     existing = _image_names(out)
     unexpected = sorted(existing - planned)
@@ -846,6 +861,8 @@ def synthesize(
     checkpoints: dict[str, str] = {}
     pipe = None
     if todo and cfg.generator == "pcdms":
+        if world > 1 and resolve_device(cfg).type == "cuda":  # one GPU per process, as torchrun numbers them
+            cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
         pipe = load_pcdms(cfg)
         checkpoints["pipeline"] = sha256_folder(cfg.pipeline)
         old = (stored or {}).get("checkpoints", {}).get("pipeline")
@@ -868,7 +885,7 @@ def synthesize(
     def manifest(complete: bool, outputs: Mapping[str, str] | None = None) -> None:
         extra = {"complete": complete, "generator": cfg.generator, "allow_random_weights": cfg.allow_random_weights,
                  "plan_sha256": plan_hash, "image_size": list(image_size), "jpeg_quality": JPEG_QUALITY,
-                 "counts": counts, "outputs": dict(outputs or {})}
+                 "counts": counts, "outputs": dict(outputs or {}), "world_size": world}
         if cfg.generator == "pcdms" and cfg.allow_random_weights:
             extra["WARNING"] = RANDOM_WEIGHTS_WARNING
         if cfg.generator == "toy-oracle":
@@ -884,7 +901,7 @@ def synthesize(
     # says what an uninterrupted one says.
     reusable = _reusable(items, out, reuse_from, config, checkpoints) if reuse_from else {}
     if reusable:
-        linked = [it for it in todo if it.name in reusable]
+        linked = [it for it in todo if it.name in reusable] if rank == 0 else []
         for it in linked:
             coarse = reusable[it.name].parent / COARSE_DIR / it.name
             if cfg.keep_coarse and coarse.is_file():  # (same config, so the other folder kept them too)
@@ -896,14 +913,22 @@ def synthesize(
         counts["generated_this_run"] = len(todo)
         say(f"{out}: {len(reusable)} images reused from other folders of the same job")
     if todo:
-        say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)")
-        manifest(complete=False)  # marks the folder as this job's before the first image lands
+        say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)"
+            + (f", shared by {world} processes" if world > 1 else ""))
+        if rank == 0:
+            manifest(complete=False)  # marks the folder as this job's before the first image lands
+        _barrier(world)
+        share = todo[rank::world]  # interleaved: every process gets sources from the whole plan
         with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"synthesize ({cfg.generator})",
-                  unit="img", disable=not progress) as bar:
+                  unit="img", disable=not progress or rank != 0) as bar:
             if cfg.generator == "toy-oracle":
-                _toy_generate(todo, out, toy_seed, image_size, bar)
+                _toy_generate(share, out, toy_seed, image_size, bar, preview=rank == 0)
             else:
-                _pcdms_generate(todo, out, pipe, cfg, bar)
+                _pcdms_generate(share, out, pipe, cfg, bar, preview=rank == 0)
+    _barrier(world)  # every process's images are written
+    if rank != 0:  # process 0 writes the tables and the manifest; the others wait for them
+        _barrier(world)
+        return out
 
     # 4. Tables and manifest from the full plan.
     missing = planned - _image_names(out)
@@ -917,4 +942,24 @@ def synthesize(
         outputs.update(write_canonical_poses(out, canonical, image_size))
     manifest(complete=True, outputs=outputs)
     say(f"{out}: complete ({len(items)} images)")
+    _barrier(world)
     return out
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process. Started by torchrun or ``accelerate launch`` (WORLD_SIZE > 1),
+    it joins their process group (gloo: synthesis only needs barriers), left at exit."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import atexit
+
+    dist.init_process_group(backend="gloo")
+    atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()

@@ -424,7 +424,7 @@ def test_nested_fractions_reuse_images_instead_of_generating_them(tmp_path, data
     made: list[str] = []
     real = synthesis._pcdms_generate
     monkeypatch.setattr(synthesis, "_pcdms_generate",
-                        lambda todo, *args: (made.extend(it.name for it in todo), real(todo, *args)))
+                        lambda todo, *args, **kw: (made.extend(it.name for it in todo), real(todo, *args, **kw)))
     b = synthesize(cfg, dataset, large, tmp_path / "b", progress=False, reuse_from=[a, tmp_path / "missing"])
     assert sorted(made) == sorted(set(_hashes(b)) - set(_hashes(a)))  # only the new sources were generated
     assert all(_hashes(b)[name] == digest for name, digest in _hashes(a).items())  # the very same files
@@ -625,3 +625,36 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_bytes(tmp_path, mar
     assert _hashes(tmp_path / "killed") == _hashes(tmp_path / "straight")
     for name in ("manifest.csv", "annotation.csv", "subset.csv"):
         assert sha256_file(tmp_path / "killed" / name) == sha256_file(tmp_path / "straight" / name)
+
+
+def _synthesize_worker(rank: int, world: int, port: int, cfg, root: str, names: list, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    dataset = read_reid_dataset(Path(root))
+    sources = [r for r in dataset.train if r.name in set(names)]
+    try:
+        synthesize(cfg, dataset, sources, Path(out), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_make_the_one_process_folder(tmp_path, market, dataset, subset, tiny_pipeline):
+    import socket
+
+    torch.set_num_threads(1)
+    cfg = _pcdms_cfg(tiny_pipeline, batch_size=2, stages="B1", pose_pool="train")
+    sources = subset[:5]
+    one = synthesize(cfg, dataset, sources, tmp_path / "one", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_synthesize_worker, nprocs=2, join=True,
+                                args=(2, port, cfg, str(market), [r.name for r in sources], str(tmp_path / "two")))
+    two = tmp_path / "two"
+    assert _hashes(two) == _hashes(one) and len(_hashes(one)) == 5
+    for name in ("manifest.csv", "annotation.csv", "subset.csv"):
+        assert sha256_file(two / name) == sha256_file(one / name)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["world_size"] == 2
