@@ -9,6 +9,7 @@ from reid_aug.cli import workspace_cmds  # noqa: F401  init
 from reid_aug.cli import toy_cmds  # noqa: F401  make-toy-market
 from reid_aug.cli import data_cmds  # noqa: F401  subset, dataset-info
 from reid_aug.cli import synth_cmds  # noqa: F401  synthesize
+from reid_aug.cli import filter_cmds  # noqa: F401  filter-identity
 from reid_aug.cli import bot_cmds  # noqa: F401  train-bot
 from reid_aug.cli import eval_cmds  # noqa: F401  evaluate
 from reid_aug.cli import visualize_cmds  # noqa: F401  visualize-ranks
