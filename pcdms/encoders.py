@@ -387,9 +387,11 @@ class VaeCodec(nn.Module):
             raise WeightsNotFoundError(f"No VAE folder given. Needed: {VAE_SOURCE}")
         folder = Path(folder)
         if (folder / "vae" / "config.json").is_file():
-            vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True)
+            # low_cpu_mem_usage=False: the default asks for `accelerate` and warns on every load without it
+            vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", local_files_only=True,
+                                                low_cpu_mem_usage=False)
         elif (folder / "config.json").is_file():
-            vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
         else:
             raise WeightsNotFoundError(f"{folder}: neither vae/config.json nor config.json found. Needed: {VAE_SOURCE}")
         return cls(vae)

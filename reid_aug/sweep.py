@@ -24,7 +24,8 @@ from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
 from reid_aug.layout import STANDARD, cell_dir, subset_path, synthetic_dir
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from reid_aug.synthesis import SynthesisConfig, SynthesisError, read_synthesis_manifest, synthesize
+from reid_aug.synthesis import (SynthesisConfig, SynthesisError, config_dict, config_differences,
+                                read_synthesis_manifest, synthesize)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,23 @@ def synthesize_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDat
                       overwrite=overwrite, dry_run=dry_run)
 
 
+def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: float, seed: int) -> list:
+    """The synthetic images of a cell, checked: the folder is complete and was made with the method's
+    settings (not with other options that would then sit in the table under the method's name)."""
+    syn_dir = synthetic_dir(run_dir, method.name, fraction, seed)
+    stored = read_synthesis_manifest(syn_dir) if syn_dir.is_dir() else None
+    if stored is None or not stored.get("complete"):
+        raise SynthesisError(f"{syn_dir}: no complete synthetic images of method {method.name!r} at fraction "
+                             f"{fraction:g}, seed {seed}; make them first (reid-aug synthesize --subset "
+                             f"{fraction:g} --method {method.name})")
+    diffs = config_differences(stored.get("config", {}), config_dict(dataclasses.replace(method.synthesis, seed=seed)))
+    if diffs:
+        raise SynthesisError(f"{syn_dir} was made with other settings than method {method.name!r} "
+                             f"({'; '.join(diffs)}); make it again (reid-aug synthesize --subset {fraction:g} "
+                             f"--method {method.name} --overwrite)")
+    return read_image_folder(syn_dir, relabel=False, keep_distractors=False)
+
+
 def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig | None,
                fraction: float, seed: int, echo: Callable[[str], None] = print, label: str = "") -> dict:
     """Train and evaluate BoT for one cell (``method`` None: the standard row); return its metrics.
@@ -152,13 +170,7 @@ def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset,
     bot_cfg = dataclasses.replace(cfg.bot, seed=seed)
     synthetic = []
     if method is not None:
-        syn_dir = synthetic_dir(run_dir, name, fraction, seed)
-        stored = read_synthesis_manifest(syn_dir) if syn_dir.is_dir() else None
-        if stored is None or not stored.get("complete"):
-            raise SynthesisError(f"{syn_dir}: no complete synthetic images of method {name!r} at fraction "
-                                 f"{fraction:g}, seed {seed}; make them first (reid-aug synthesize --subset "
-                                 f"{fraction:g} --method {name})")
-        synthetic = read_image_folder(syn_dir, relabel=False, keep_distractors=False)
+        synthetic = cell_synthetic_images(run_dir, method, fraction, seed)
         bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=method.synthetic_share)
     echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
     train_bot(bot_cfg, records, out, synthetic_records=synthetic, resume=True, device=cfg.device,

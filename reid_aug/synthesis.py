@@ -69,6 +69,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "manifest.csv", "annotation.csv", "subset.csv"
 PREVIEW_NAME, COARSE_DIR, PREVIEW_ROWS = "preview.png", "coarse", 8
 CANONICAL_CSV, CANONICAL_PNG = "canonical-poses.csv", "canonical-poses.png"
+CANONICAL_K = 8  # default number of canonical poses
 # What decides an image (the plan row), then the settings it was made with (the same on every row).
 SYNTHESIS_COLUMNS = ("name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints")
 SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps", "guidance_scale", "stages",
@@ -128,7 +129,7 @@ class SynthesisConfig:
     dtype: str = "float32"
     keep_coarse: bool = False
     strategy: str = "random"
-    canonical_k: int = 8
+    canonical_k: int = CANONICAL_K
     target_poses: Path | None = None
 
     def __post_init__(self) -> None:
@@ -152,6 +153,8 @@ class SynthesisConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.canonical_k < 1:
             raise ValueError(f"canonical_k must be >= 1, got {self.canonical_k}")
+        if self.strategy != "canonical" and self.canonical_k != CANONICAL_K:
+            raise ValueError(f"canonical_k (--k) applies to strategy 'canonical' only, not {self.strategy!r}")
         if (self.strategy == "file") != (self.target_poses is not None):
             raise ValueError("strategy 'file' needs target_poses (an annotation csv or a from,to pairs csv), "
                              "and target_poses needs strategy 'file'")
@@ -494,12 +497,27 @@ def check_pcdms_weights(cfg: SynthesisConfig) -> Path:
                                     f"{sub.removesuffix('_scheduler')} schedule ({path})")
             except ValueError as exc:
                 raise SynthesisError(f"--steps {cfg.num_inference_steps}: {exc}") from None
+    _check_weight_files(folder)
     lacking = [name for name, used in (("prior", use_prior), ("refine", use_refine)) if used and name not in have]
     if lacking:
         usable = [k for k, (p, r) in STAGES.items() if (not p or "prior" in have) and (not r or "refine" in have)]
         raise SynthesisError(f"{folder}: stages {cfg.stages!r} need the {' and '.join(lacking)} stage, which this "
                              f"pipeline lacks (it has {sorted(have)}); use --stages one of {usable}")
     return folder
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Every ``*.safetensors`` of the pipeline folder opens (its header is read, not the tensors): a
+    truncated or half-copied file is named here, before anything loads or is written."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise SynthesisError(f"{path}: unreadable weights ({exc}); a truncated or partly copied file? "
+                                 "copy it again") from None
 
 
 def resolve_device(cfg: SynthesisConfig) -> torch.device:
@@ -619,9 +637,15 @@ def read_synthesis_manifest(out: Path) -> dict | None:
     return data
 
 
+def config_differences(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for every setting (not ``device``) in which a folder's stored config differs
+    from ``config`` (:func:`config_dict` form); keys the stored config lacks count as their default."""
+    old, new = _compared_config(stored), _compared_config(config)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def _conflicts(stored: Mapping[str, Any], config: Mapping[str, Any], plan_hash: str) -> list[str]:
-    old, new = _compared_config(stored.get("config", {})), _compared_config(config)
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = config_differences(stored.get("config", {}), config)
     if not diffs and stored.get("plan_sha256") != plan_hash:
         diffs.append("the plan (dataset, subset or pose file) differs")
     return diffs
@@ -842,6 +866,12 @@ def synthesize(
             stored = None
         if rank == 0:
             _remove_stale_temps(out)
+    # The generator loads before the folder is made: weights that fail to load must leave nothing behind.
+    pipe = None
+    if cfg.generator == "pcdms" and (stored is None or {it.name for it in items} - _image_names(out)):
+        if world > 1 and resolve_device(cfg).type == "cuda":  # one GPU per process, as torchrun numbers them
+            cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        pipe = load_pcdms(cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     _barrier(world)
@@ -859,11 +889,7 @@ def synthesize(
 
     # 3. Generate what is missing, each image written atomically.
     checkpoints: dict[str, str] = {}
-    pipe = None
     if todo and cfg.generator == "pcdms":
-        if world > 1 and resolve_device(cfg).type == "cuda":  # one GPU per process, as torchrun numbers them
-            cfg = dataclasses.replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-        pipe = load_pcdms(cfg)
         checkpoints["pipeline"] = sha256_folder(cfg.pipeline)
         old = (stored or {}).get("checkpoints", {}).get("pipeline")
         if old is not None and old != checkpoints["pipeline"] and not overwrite:
@@ -874,7 +900,7 @@ def synthesize(
         checkpoints = dict((stored or {}).get("checkpoints", {}))
         image_size = tuple((stored or {}).get("image_size", image_size))
     counts = {"sources": len(records), "sources_used": len({it.source.name for it in items}),
-              "images": len(items), "existing": len(items) - len(todo), "generated_this_run": len(todo)}
+              "images": len(items), "existing": len(items) - len(todo)}
     if poses is not None:
         counts["skipped_missing_source_pose"] = sum(r.name not in poses for r in records)
         counts.update(stats)
@@ -883,6 +909,9 @@ def synthesize(
                **(sources_extra or {})}
 
     def manifest(complete: bool, outputs: Mapping[str, str] | None = None) -> None:
+        # An unfinished run states what it set out to make, a finished one what it made.
+        counts["generated_this_run" if complete else "to_generate_this_run"] = len(todo)
+        counts.pop("to_generate_this_run" if complete else "generated_this_run", None)
         extra = {"complete": complete, "generator": cfg.generator, "allow_random_weights": cfg.allow_random_weights,
                  "plan_sha256": plan_hash, "image_size": list(image_size), "jpeg_quality": JPEG_QUALITY,
                  "counts": counts, "outputs": dict(outputs or {}), "world_size": world}
@@ -910,7 +939,6 @@ def synthesize(
             _link(reusable[it.name], out / it.name)
         counts["reused"] = len(reusable)
         todo = [it for it in todo if it.name not in reusable]
-        counts["generated_this_run"] = len(todo)
         say(f"{out}: {len(reusable)} images reused from other folders of the same job")
     if todo:
         say(f"{out}: {len(todo)} of {len(items)} images to make ({len(items) - len(todo)} already there)"

@@ -658,3 +658,19 @@ def test_two_gloo_processes_make_the_one_process_folder(tmp_path, market, datase
         assert sha256_file(two / name) == sha256_file(one / name)
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["complete"] and manifest["world_size"] == 2
+
+
+def test_canonical_k_only_with_the_canonical_strategy():
+    with pytest.raises(ValueError, match="applies to strategy 'canonical' only"):
+        SynthesisConfig(canonical_k=4)
+    assert SynthesisConfig(strategy="canonical", canonical_k=4).canonical_k == 4
+
+
+def test_a_truncated_weights_file_is_named_and_nothing_is_written(tmp_path, dataset, subset, tiny_pipeline):
+    broken = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline, broken)
+    weights = next(broken.glob("inpaint/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SynthesisError, match=f"{weights}: unreadable weights"):
+        synthesize(_pcdms_cfg(broken), dataset, subset[:2], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

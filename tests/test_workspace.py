@@ -127,3 +127,29 @@ def test_a_run_record_from_before_a_new_key_is_not_a_changed_config(workspace: P
     (workspace / "reid-aug.yaml").write_text((workspace / "reid-aug.yaml").read_text().replace("epochs: 1", "epochs: 2"))
     out = _invoke(["train-bot", "--subset", "0.5"], ok=False)
     assert "different experiment config" in out and "'bot'" in out
+
+
+def test_a_workspace_cell_is_made_with_the_workspace_settings_only(workspace: Path) -> None:
+    """Options that would change a cell's recipe are refused in a workspace (they would sit in its table
+    under the workspace's settings), and train-bot refuses a synthetic folder made otherwise."""
+    out = _invoke(["synthesize", "--subset", "0.5", "--per-image", "2"], ok=False)
+    assert "per_image would differ from method 'oracle'" in out
+    out = _invoke(["train-bot", "--subset", "0.5", "--epochs", "3"], ok=False)
+    assert "epochs would differ" in out
+    _invoke(["synthesize", "--subset", "0.5", "--device", "cpu"])  # where it runs is not the recipe
+    syn = synthetic_dir(workspace, "oracle", 0.5, 3) / "manifest.json"
+    stored = json.loads(syn.read_text())
+    stored["config"]["per_image"] = 2  # as if made by a one-off job with other settings
+    syn.write_text(json.dumps(stored))
+    out = _invoke(["train-bot", "--subset", "0.5", "--method", "oracle"], ok=False)
+    assert "made with other settings than method 'oracle' (per_image: 2 -> 1)" in out
+    out = _invoke(["train-bot", "--subset", "0.5", "--method", "oracle", "--dry-run"], ok=False)
+    assert "made with other settings" in out
+
+
+def test_train_bot_dry_run_counts_the_cells_synthetic_images(workspace: Path) -> None:
+    assert "make them first" in _invoke(["train-bot", "--subset", "0.5", "--method", "oracle", "--dry-run"], ok=False)
+    _invoke(["synthesize", "--subset", "0.5"])
+    made = json.loads((synthetic_dir(workspace, "oracle", 0.5, 3) / "manifest.json").read_text())["counts"]
+    out = _invoke(["train-bot", "--subset", "0.5", "--method", "oracle", "--dry-run"])
+    assert f"+ {made['images']} synthetic" in out and made["generated_this_run"] == made["images"]

@@ -151,7 +151,7 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
     from reid_aug.layout import STANDARD, cell_dir
     from reid_aug.data.subset import make_subset
-    from reid_aug.sweep import ExperimentConfig, open_run_dir, train_cell
+    from reid_aug.sweep import ExperimentConfig, cell_synthetic_images, open_run_dir, train_cell
     from reid_aug.synthesis import SynthesisError
 
     for flag, given in (("--synthetic", synthetic_dirs), ("--config", config_path), ("--cache-dir", cache_dir),
@@ -169,15 +169,23 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     bot_overrides = {k: v for k, v in overrides.items() if v is not None}
     if pretrained is not None:
         bot_overrides["pretrained"] = None if pretrained.lower() == "none" else Path(pretrained)
-    cfg = dataclasses.replace(ws.config, device=device or ws.config.device,
-                              bot=dataclasses.replace(ws.config.bot, **bot_overrides))
+    changed = sorted(k for k, v in bot_overrides.items() if v != getattr(ws.config.bot, k))
+    if changed:  # a cell trained otherwise would sit in the table under the workspace's recipe
+        raise click.UsageError(
+            f"in a workspace the BoT recipe comes from {ws.file or 'the built-in workspace'}; {', '.join(changed)} "
+            "would differ from it and mix into its table. Set them under bot: in reid-aug.yaml, or train a "
+            "one-off run (--data ROOT --out DIR)")
+    cfg = dataclasses.replace(ws.config, device=device or ws.config.device)
     name = STANDARD if method is None else method.name
     try:
         if dry_run:  # nothing written: the subset is drawn as the cell would draw it
             records = make_subset(read_reid_dataset(cfg.data).train, frac, seed)
+            synthetic = [] if method is None else cell_synthetic_images(ws.root, method, frac, seed)
             click.echo(f"workspace {ws.root}: {name}, fraction {frac:g}, seed {seed} -> "
                        f"{cell_dir(ws.root, name, frac, seed)}")
-            _print_plan(dataclasses.replace(cfg.bot, seed=seed), records, [])
+            bot = dataclasses.replace(cfg.bot, seed=seed,
+                                      synthetic_share=None if method is None else method.synthetic_share)
+            _print_plan(bot, records, synthetic)
             return
         dataset = open_run_dir(ws.config, ws.root, workspace_record(ws), normalize=normalize_record(ExperimentConfig))
         metrics = train_cell(cfg, ws.root, dataset, method, frac, seed, echo=click.echo,

@@ -208,6 +208,14 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
         syn = load_config(SynthesisConfig, None, {**config_to_dict(method.synthesis), **given})
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    changed = sorted(k for k, v in config_to_dict(syn).items()
+                     if k != "device" and v != config_to_dict(method.synthesis)[k])
+    if changed:  # a cell made otherwise would sit in the table under the workspace's settings
+        raise click.UsageError(
+            f"in a workspace the synthesis settings come from {ws.file or 'the built-in workspace'}; "
+            f"{', '.join(changed)} would differ from method {method.name!r} there and mix into its table. "
+            f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml, or run a one-off job "
+            "(--data ROOT --out DIR)")
     method = dataclasses.replace(method, synthesis=syn)
     if syn.generator == "pcdms" and syn.allow_random_weights:
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
