@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_gather
 
 
 class CrossEntropyLabelSmooth(nn.Module):
@@ -103,7 +102,7 @@ def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     Metric losses need the whole batch: with DDP each rank holds ``P / world`` identities, so mining
     triplets per rank finds fewer (or no) negatives, and a rank with one identity has none at all.
-    fast-reid gathers for the same reason. The gather is differentiable (``torch.distributed.nn``):
+    fast-reid gathers for the same reason. The gather is differentiable:
     every rank computes the same global loss and sends each other rank the gradient for its features,
     so after DDP's gradient averaging the update equals one process's on the whole batch
     (``W`` ranks x ``1/W`` average). Without a process group it returns its inputs.
@@ -112,4 +111,24 @@ def gather_batch(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         return feats, labels
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(all_labels, labels.contiguous())
-    return torch.cat(all_gather(feats.contiguous())), torch.cat(all_labels)
+    return _GatherFeatures.apply(feats.contiguous()), torch.cat(all_labels)
+
+
+class _GatherFeatures(torch.autograd.Function):
+    """All-gather along dim 0 with a gradient: backward sums every rank's gradient of the gathered tensor
+    and keeps this rank's rows. (torch.distributed.nn's all_gather does this but is deprecated, and
+    the replacement it names is private; all_reduce also works on gloo, which lacks reduce_scatter.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = (dist.get_rank() * x.shape[0], x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, n = ctx.rows
+        return grad[start:start + n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -123,13 +124,14 @@ def train_bot_cmd(
         sources["subset"] = subset_file.absolute()
     for i, d in enumerate(synthetic_dirs):
         sources[f"synthetic_{i}"] = d.absolute()
-    click.echo(
+    echo = click.echo if int(os.environ.get("RANK", "0")) == 0 else (lambda *_a, **_k: None)
+    echo(
         f"BoT {cfg.backbone} on {len(records)} real images / {len({r.pid for r in records})} ids"
         f" + {len(synthetic)} synthetic, {cfg.epochs} epochs -> {out_dir}"
     )
     if cfg.pretrained is None:
-        click.echo("note: no pretrained backbone, training from random weights (the published recipe "
-                   "starts from ImageNet weights: --pretrained PATH or configs/bot_market.yaml)")
+        echo("note: no pretrained backbone, training from random weights (the published recipe "
+             "starts from ImageNet weights: --pretrained PATH or configs/bot_market.yaml)")
     if dry_run:
         _print_plan(cfg, records, synthetic)
         return
@@ -141,7 +143,8 @@ def train_bot_cmd(
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per process
+        click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
 
 
 def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, pretrained, resume, device,
