@@ -94,3 +94,66 @@ def keep_mask(scores: pd.DataFrame, min_score: float | None = None, rank1: bool 
     if rank1:
         keep &= scores["rank1"].to_numpy(dtype=bool)
     return keep
+
+
+FILTER_STEP = "filter-identity"
+SCORES_CSV = "scores.csv"
+
+
+def filter_folder(synthetic_dir, model_dir, out, min_score: float | None = None, rank1: bool = False,
+                  device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """Score a complete ``synthesize`` folder (:func:`identity_scores` against its ``subset.csv``) and
+    hard-link the kept images into ``out`` with ``scores.csv`` and ``manifest.json``; return the manifest.
+
+    A folder made with the same inputs (synthesis plan, model weights, thresholds) is returned as is;
+    one made from other inputs (or left unfinished) is made again. Raises ValueError for an incomplete
+    synthesis folder, no criterion, or an ``out`` that holds anything else.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    from pcdms.io import sha256_file, write_text_atomic
+    from reid_aug.bot.model import WEIGHTS_NAME
+    from reid_aug.data.market import read_image_folder, read_reid_dataset
+    from reid_aug.data.subset import read_subset_csv
+    from reid_aug.manifest import read_manifest, write_manifest
+
+    synthetic_dir, model_dir, out = Path(synthetic_dir), Path(model_dir), Path(out)
+    if min_score is None and not rank1:
+        raise ValueError("the identity filter needs min_score and/or rank1: what to keep")
+    stored = read_manifest(synthetic_dir)
+    if stored is None or stored.get("step") != "synthesize" or not stored.get("complete"):
+        raise ValueError(f"{synthetic_dir}: not a complete synthesize folder")
+    inputs = {"synthetic_plan_sha256": stored.get("plan_sha256"), "model_sha256": sha256_file(model_dir / WEIGHTS_NAME),
+              "min_score": min_score, "rank1": rank1}
+    old = read_manifest(out) if out.is_dir() else None
+    if old is not None and old.get("step") == FILTER_STEP and old.get("inputs") == inputs and old.get("complete"):
+        return old
+    if out.is_dir() and any(out.iterdir()):
+        if old is None or old.get("step") != FILTER_STEP:
+            raise ValueError(f"{out} is not empty and not a {FILTER_STEP} folder; choose a new folder")
+        shutil.rmtree(out)  # an earlier (or unfinished) filtering of other inputs: derived data, made again
+    dataset = read_reid_dataset(stored["sources"]["dataset_root"])
+    real = read_subset_csv(synthetic_dir / "subset.csv", dataset)
+    synthetic = read_image_folder(synthetic_dir, relabel=False, keep_distractors=False)
+    scores = identity_scores(model_dir, real, synthetic, device=device, progress=progress)
+    scores["kept"] = keep_mask(scores, min_score, rank1)
+    out.mkdir(parents=True, exist_ok=True)
+    for rec, kept in zip(synthetic, scores["kept"]):
+        if kept:
+            try:
+                os.link(rec.path, out / rec.name)
+            except OSError:  # another file system
+                shutil.copyfile(rec.path, out / rec.name)
+    write_text_atomic(out / SCORES_CSV, scores.to_csv(index=False))
+    kept = int(scores["kept"].sum())
+    write_manifest(
+        out, FILTER_STEP, config={"min_score": min_score, "rank1": rank1}, seed=None,
+        sources={"synthetic": synthetic_dir.absolute(), "model": model_dir.absolute()},
+        checkpoints={"model": inputs["model_sha256"]},
+        extra={"complete": True, "inputs": inputs, "images": len(scores), "kept": kept,
+               "kept_fraction": round(kept / max(1, len(scores)), 6),
+               "mean_score": round(float(scores["score"].mean()), 6),
+               "rank1_fraction": round(float(scores["rank1"].mean()), 6)})
+    return read_manifest(out)

@@ -3,6 +3,7 @@
     RUN_DIR/manifest.json                      experiment config (compared on re-runs)
     RUN_DIR/subsets/frac0.2_seed0.csv          the real subset of that cell
     RUN_DIR/synthetic/<method>/frac0.2/seed0/  synthetic images (+ their manifest)
+    RUN_DIR/filtered/<method>/frac0.2/seed0/   the ones the identity filter kept (methods with one)
     RUN_DIR/runs/<method>/frac0.2/seed0/       BoT run: checkpoint.pt, log.csv, model/, metrics.json
     RUN_DIR/report/                            report.md, CSV, LaTeX, curves.png
 """
@@ -33,3 +34,7 @@ def subset_path(run_dir: str | Path, fraction: float, seed: int) -> Path:
 
 def synthetic_dir(run_dir: str | Path, method: str, fraction: float, seed: int) -> Path:
     return Path(run_dir) / "synthetic" / method / fraction_dirname(fraction) / seed_dirname(seed)
+
+
+def filtered_dir(run_dir: str | Path, method: str, fraction: float, seed: int) -> Path:
+    return Path(run_dir) / "filtered" / method / fraction_dirname(fraction) / seed_dirname(seed)

@@ -229,8 +229,26 @@ def _protocol_lines(run_dir: Path, df: pd.DataFrame, manifest: dict[str, Any] | 
             if isinstance(m, dict):
                 rest = {k: v for k, v in m.items() if k != "name"}
                 lines.append(f"- Method `{m.get('name')}`: " + ", ".join(_flatten(rest)))
+                kept = _kept_line(run_dir, str(m.get("name")))
+                if kept:
+                    lines.append(kept)
         lines.append(f"- Created {manifest.get('created')}, git commit {manifest.get('git_commit')}")
     return lines + _evaluation_lines(df)
+
+
+def _kept_line(run_dir: Path, method: str) -> str | None:
+    """What the identity filter kept of a method's synthetic images, per cell (None: no filtered cell)."""
+    cells = []
+    for path in sorted((run_dir / "filtered" / method).glob("*/*/" + MANIFEST_NAME)):
+        data = read_json_object(path)
+        if data.get("complete"):
+            cells.append((path.parent.parent.name, path.parent.name, data["kept"], data["images"]))
+    if not cells:
+        return None
+    kept, total = sum(c[2] for c in cells), sum(c[3] for c in cells)
+    per_cell = ", ".join(f"{f}/{s} {100 * k / max(1, n):.0f} %" for f, s, k, n in cells)
+    return (f"- Method `{method}`: the identity filter kept {kept:,} of {total:,} synthetic images "
+            f"({100 * kept / max(1, total):.1f} %; {per_cell}); its rows train on the kept ones only")
 
 
 def _evaluation_lines(df: pd.DataFrame, rerank_shown: str = "tables show the plain ranking") -> list[str]:

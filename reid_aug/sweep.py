@@ -18,14 +18,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.data.market import ReidDataset, read_image_folder, read_reid_dataset
 from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
-from reid_aug.layout import STANDARD, cell_dir, subset_path, synthetic_dir
+from reid_aug.layout import STANDARD, cell_dir, filtered_dir, subset_path, synthetic_dir
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from reid_aug.synthesis import (SynthesisConfig, SynthesisError, config_dict, config_differences,
                                 read_synthesis_manifest, synthesize)
+
+
+@dataclass(frozen=True)
+class IdentityFilterConfig:
+    """Keep a cell's synthetic images that the standard row's BoT (same fraction and seed, trained on the
+    real subset alone) recognises: cosine score >= ``min_score`` and/or own identity ranked first
+    (:mod:`reid_aug.identity_filter`)."""
+
+    min_score: float | None = None
+    rank1: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_score is None and not self.rank1:
+            raise ValueError("identity_filter needs min_score and/or rank1: true")
+        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"identity_filter.min_score is a cosine similarity in [-1, 1], got {self.min_score}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,8 @@ class MethodConfig:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     # Share of each BoT batch drawn from the synthetic images; None pools real and synthetic.
     synthetic_share: float | None = None
+    # Beyond the paper: train on the synthetic images the standard row's model recognises only.
+    identity_filter: IdentityFilterConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name == STANDARD or "/" in self.name or self.name.startswith("."):
@@ -67,6 +87,8 @@ class ExperimentConfig:
             raise ValueError(f"method names must be unique, got {names}")
         if not self.standard and not self.methods:
             raise ValueError("nothing to run: standard is off and no augmentation method is given")
+        if not self.standard and any(m.identity_filter for m in self.methods):
+            raise ValueError("an identity_filter scores with the standard row's models: standard must be on")
 
 
 def _check_run_manifest(run_dir: Path, config: dict, overwrite: bool,
@@ -156,6 +178,24 @@ def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: f
     return read_image_folder(syn_dir, relabel=False, keep_distractors=False)
 
 
+def _filtered(run_dir, method: MethodConfig, fraction: float, seed: int, device, echo, label) -> list:
+    """The cell's synthetic images that pass its identity filter (made once, into ``filtered/``)."""
+    from reid_aug.identity_filter import filter_folder
+
+    standard = cell_dir(run_dir, STANDARD, fraction, seed)
+    if not (standard / METRICS_NAME).is_file():
+        raise SynthesisError(f"the identity filter of method {method.name!r} scores with the standard row's model "
+                             f"at fraction {fraction:g}, seed {seed} ({standard / 'model'}); train it first "
+                             f"(reid-aug train-bot --subset {fraction:g})")
+    f = method.identity_filter
+    out = filtered_dir(run_dir, method.name, fraction, seed)
+    made = filter_folder(synthetic_dir(run_dir, method.name, fraction, seed), standard / "model", out, f.min_score,
+                         f.rank1, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    echo(f"{label}: identity filter kept {made['kept']:,} of {made['images']:,} synthetic images "
+         f"({100 * made['kept_fraction']:.1f} %)")
+    return read_image_folder(out, relabel=False, keep_distractors=False)
+
+
 def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig | None,
                fraction: float, seed: int, echo: Callable[[str], None] = print, label: str = "") -> dict:
     """Train and evaluate BoT for one cell (``method`` None: the standard row); return its metrics.
@@ -171,6 +211,8 @@ def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset,
     synthetic = []
     if method is not None:
         synthetic = cell_synthetic_images(run_dir, method, fraction, seed)
+        if method.identity_filter is not None:
+            synthetic = _filtered(run_dir, method, fraction, seed, cfg.device, echo, label)
         bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=method.synthetic_share)
     echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
     train_bot(bot_cfg, records, out, synthetic_records=synthetic, resume=True, device=cfg.device,

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from reid_aug.cli import main
 from reid_aug.data.toy import make_toy_market
 from reid_aug.layout import cell_dir, subset_path, synthetic_dir
-from reid_aug.sweep import ExperimentConfig, MethodConfig
+from reid_aug.sweep import ExperimentConfig, IdentityFilterConfig, MethodConfig
 
 CONFIG = """\
 fractions: [0.5, 1.0]
@@ -102,3 +102,22 @@ def test_unknown_config_key_names_the_file(toy: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", "--config", str(cfg), "--out", str(tmp_path / "r"), "--data", str(toy)])
     assert result.exit_code != 0
     assert "exp.yaml" in result.output and "bogus" in result.output
+
+
+def test_identity_filtered_method_trains_on_the_kept_images_and_the_report_says_how_many(toy, tmp_path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(CONFIG.replace("fractions: [0.5, 1.0]", "fractions: [0.5]").replace(
+        "      per_image: 1\n", "      per_image: 1\n    identity_filter:\n      min_score: 0.0\n"))
+    run = tmp_path / "run"
+    _run(["run", "--config", str(cfg), "--out", str(run), "--data", str(toy), "--device", "cpu"])
+    from reid_aug.layout import filtered_dir
+
+    kept = json.loads((filtered_dir(run, "oracle", 0.5, 3) / "manifest.json").read_text())
+    assert kept["step"] == "filter-identity" and 0 < kept["images"]
+    bot = json.loads((cell_dir(run, "oracle", 0.5, 3) / "manifest.json").read_text())
+    assert bot["num_synthetic_images"] == kept["kept"]
+    report = (run / "report" / "report.md").read_text()
+    assert f"the identity filter kept {kept['kept']:,} of {kept['images']:,} synthetic images" in report
+    with pytest.raises(ValueError, match="standard must be on"):
+        ExperimentConfig(data=toy, standard=False,
+                         methods=(MethodConfig("m", identity_filter=IdentityFilterConfig(rank1=True)),))
