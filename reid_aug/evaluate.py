@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from pcdms.devices import resolve_device
 from pcdms.io import atomic_path, sha256_folder, write_json_atomic
 
 METRICS_NAME = "metrics.json"
@@ -304,7 +305,7 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(device)
 
 
 def _labels(dataset) -> dict[str, np.ndarray]:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pcdms.devices import resolve_device as _torch_device
 from pcdms.io import atomic_path, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import DatasetError, ImageRecord, ReidDataset, is_image_file, parse_market_name
@@ -522,10 +523,10 @@ def _check_weight_files(folder: Path) -> None:
 
 def resolve_device(cfg: SynthesisConfig) -> torch.device:
     """``cfg.device``, default cuda when available, else cpu; an unavailable cuda device is an error."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SynthesisError(f"device {cfg.device!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
+    try:
+        return _torch_device(cfg.device)
+    except ValueError as exc:
+        raise SynthesisError(str(exc)) from None
 
 
 def load_pcdms(cfg: SynthesisConfig):

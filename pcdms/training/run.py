@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pcdms.devices import resolve_device
 from pcdms.io import read_json_object, sha256_folder, write_json_atomic
 from pcdms.training.pairs import TrainingPair, write_pairs_table
 
@@ -154,7 +155,7 @@ def _remove_run(run_dir: Path) -> None:
 
 
 def _device(device) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(device)
 
 
 def train_vae(

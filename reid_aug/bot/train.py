@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from pcdms.devices import resolve_device
 from pcdms.io import atomic_path, sha256_file, write_text_atomic
 from reid_aug.bot.config import BotConfig, lr_factor
 from reid_aug.bot.data import augment_batch, default_num_workers, load_images
@@ -126,11 +127,7 @@ def _finished(out_dir: Path, fingerprint: str, epochs: int) -> bool:
 def _setup_distributed(device: str | torch.device | None) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, whether we created the process group). torchrun sets WORLD_SIZE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    device = resolve_device(device)
     if world <= 1:
         return 0, 1, device, False
     created = False

@@ -54,7 +54,7 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--seed", type=int, default=None)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/checkpoint.pt, or start over.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Keep decoded images here (.npy) so re-runs skip decoding.")
 @click.option("--tensorboard/--no-tensorboard", default=None,
