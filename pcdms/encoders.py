@@ -82,9 +82,11 @@ def load_image_uint8(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
+    from pcdms.images import to_rgb8
+
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im, str(path))
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)

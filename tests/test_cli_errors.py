@@ -31,3 +31,27 @@ def test_device_cuda_without_a_gpu_is_one_line_and_writes_nothing(toy, tmp_path,
         assert result.exit_code == 1, (name, result.output)
         assert "torch sees no CUDA device" in result.output and "Traceback" not in result.output, name
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_images_of_every_mode_load_as_8bit_rgb(tmp_path):
+    """A 16-bit grey PNG is scaled (PIL's plain convert would clip it to white); others convert as PIL does."""
+    import numpy as np
+    from PIL import Image
+
+    from pcdms.encoders import load_image_uint8
+    from reid_aug.bot.data import load_images
+
+    ramp = (np.arange(128 * 64, dtype=np.uint32).reshape(128, 64) * 8).astype(np.uint16)  # 0 .. 65528
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    expected = np.round(ramp / 257).astype(np.uint8)
+    for loaded in (load_images([tmp_path / "grey16.png"], (128, 64), progress=False)[0],
+                   load_image_uint8(tmp_path / "grey16.png", (128, 64))):
+        assert loaded.dtype == torch.uint8 and loaded.shape == (3, 128, 64)
+        assert np.array_equal(loaded[0].numpy(), expected) and np.array_equal(loaded[0], loaded[2])
+    rgba = Image.new("RGBA", (64, 128), (10, 20, 30, 0))
+    rgba.save(tmp_path / "rgba.png")
+    assert load_image_uint8(tmp_path / "rgba.png", (128, 64))[:, 0, 0].tolist() == [10, 20, 30]
+    Image.fromarray(np.full((128, 64), 300.0, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: F image with values up to 300"):
+        load_image_uint8(tmp_path / "float.tif", (128, 64))

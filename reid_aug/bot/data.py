@@ -31,11 +31,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pcdms.images import to_rgb8
 from pcdms.io import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_VERSION = "bot-images-v1"  # bump when decoding changes, so old caches are not reused
+_CACHE_VERSION = "bot-images-v2"  # v2: 16-bit images scaled, not clipped  # bump when decoding changes, so old caches are not reused
 ERASE_TRIES = 100
 
 
@@ -44,7 +45,7 @@ def _decode(path: Path, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im, str(path))
             if im.size != (width, height):
                 im = im.resize((width, height), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
