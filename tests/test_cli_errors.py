@@ -55,3 +55,17 @@ def test_images_of_every_mode_load_as_8bit_rgb(tmp_path):
     Image.fromarray(np.full((128, 64), 300.0, np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(ValueError, match="float.tif: F image with values up to 300"):
         load_image_uint8(tmp_path / "float.tif", (128, 64))
+
+
+def test_messages_a_person_understands(toy, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["subset", str(toy), "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 2 and "missing option '--fraction'" in res.output and "__init__" not in res.output
+    bad = tmp_path / "demo.yaml"
+    bad.write_text("fractions: [0.5]\nmethodz: []\n")
+    res = runner.invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--config", str(bad)])
+    assert res.exit_code == 2 and "methodz" in res.output
+    assert not (tmp_path / "demo").exists()  # checked before the toy dataset is rendered
+    res = runner.invoke(main, ["synthesize", "--data", str(toy), "--subset", "0.5", "--out", str(tmp_path / "o"),
+                               "--generator", "toy-oracle", "--poses", str(toy / "market-annotation-train.csv")])
+    assert res.exit_code == 2 and "reads no pose file" in res.output and not (tmp_path / "o").exists()

@@ -342,6 +342,8 @@ def train_bot(
                 optimizer_center.load_state_dict(ckpt["optimizer_center"])
             _set_rng_state(ckpt["rng"])
             start_epoch, iteration = ckpt["epoch"], ckpt["iteration"]
+            if show:
+                tqdm.write(f"resuming from epoch {start_epoch} of {cfg.epochs} ({ckpt_path})")
         log_rows = _read_log(log_path, start_epoch) if start_epoch else []
         iter_log_path = out_dir / ITER_LOG_NAME
         iter_rows = _read_log(iter_log_path, start_epoch) if start_epoch else []

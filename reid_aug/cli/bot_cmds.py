@@ -43,15 +43,16 @@ def _image_size(ctx: click.Context, param: click.Parameter, value: str | None) -
                    "runs/<method>/frac<F>/seed<S>/, evaluated into metrics.json).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="YAML with BotConfig keys (top level, or under `bot:` as in an experiment file).")
-@click.option("--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50"]), default=None)
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None, help="P x K images per batch (all GPUs together).")
-@click.option("--image-size", callback=_image_size, default=None, help="Training size HxW, e.g. 256x128.")
+@click.option("--backbone", type=click.Choice(["resnet18", "resnet34", "resnet50"]), default=None,
+              help=f"Default {BotConfig().backbone}.")
+@click.option("--epochs", type=int, default=None, help=f"Default {BotConfig().epochs}.")
+@click.option("--batch-size", type=int, default=None, help=f"P x K images per batch (all GPUs together); default {BotConfig().batch_size}.")
+@click.option("--image-size", callback=_image_size, default=None, help="Training size HxW; default {}x{}.".format(*BotConfig().image_size))
 @click.option("--pretrained", default=None,
               help="Local torchvision ImageNet ResNet .pth (e.g. resnet50-0676ba61.pth), or 'none' for random init.")
 @click.option("--synthetic-share", type=float, default=None,
               help="Share of every batch drawn from the synthetic images (default: pool all images).")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=int, default=None, help=f"Default {BotConfig().seed}.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from OUT/checkpoint.pt, or start over.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -90,7 +91,8 @@ def train_bot_cmd(
     \b
     Default recipe: ResNet-50, last stride 1, BNNeck, 256x128, P x K = 16 x 4, Adam 3.5e-4,
     warmup 10 epochs, x0.1 at 40 and 70, 120 epochs, label-smoothed CE + triplet + center.
-    See configs/bot_market.yaml (published recipe) and configs/bot_toy.yaml (CPU toy).
+    The source repository's configs/bot_market.yaml (published recipe) and configs/bot_toy.yaml
+    (CPU toy) are ready-made --config files; `--dry-run` prints the resolved config.
     """
     overrides = {
         "backbone": backbone,
@@ -131,7 +133,7 @@ def train_bot_cmd(
     )
     if cfg.pretrained is None:
         echo("note: no pretrained backbone, training from random weights (the published recipe "
-             "starts from ImageNet weights: --pretrained PATH or configs/bot_market.yaml)")
+             "starts from ImageNet weights: --pretrained PATH)")
     if dry_run:
         _print_plan(cfg, records, synthetic)
         return

@@ -92,13 +92,17 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where + ': ' if where else ''}unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # at the top level these come from options: say which
+        raise ConfigError(f"{where + ': ' if where else ''}missing "
+                          + ", ".join(f"option '--{m.replace('_', '-')}' (or `{m}:` in --config)" if not where
+                                      else f"key `{m}`" for m in missing))
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
     except ValueError as exc:  # the dataclass's own __post_init__ validation
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -150,8 +154,8 @@ def load_config(
         node[parts[-1]] = list(value) if isinstance(value, tuple) else value
     try:
         return _build(cls, data, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{label}: {exc}") from None
+    except ConfigError as exc:  # a file is named; options alone need no prefix
+        raise ConfigError(f"{label}: {exc}" if path is not None else str(exc)) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

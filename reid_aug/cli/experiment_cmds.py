@@ -42,7 +42,8 @@ def _run_and_report(cfg: ExperimentConfig, out: Path, overwrite: bool, record: d
 
 @main.command("run")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Experiment YAML (see configs/experiment_market.yaml). Without --config and --out: the workspace.")
+              help="Experiment YAML (e.g. configs/experiment_market.yaml in the source repository; `reid-aug init` "
+                   "writes one). Without --config and --out: the workspace.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=None, help="Run folder.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Dataset root (overrides the config).")
 @click.option("--fractions", default=None, help="Comma-separated real-data fractions, e.g. 0.2,0.4,1.0.")
@@ -102,15 +103,16 @@ def demo_cmd(out: Path, ids: int, config_path: Path | None, fractions: str | Non
     DINOv2 are random frozen stand-ins, so it is a toy, not the paper's model).
     """
     toy = out / "toy-market"
+    # The config is checked before anything is rendered: a typo must not cost the rendering first.
+    with contextlib.ExitStack() as stack:
+        if config_path is None:
+            config_path = stack.enter_context(resources.as_file(resources.files("reid_aug.configs") / DEMO_CONFIG))
+        cfg = load_config(ExperimentConfig, config_path,
+                          {"data": str(toy), "fractions": _comma_list(fractions, float), "device": device})
     manifest = read_toy_manifest(toy)
     if manifest is None or manifest.get("config", {}).get("num_ids") != ids or manifest.get("seed") != 0:
         click.echo(f"rendering the toy Market ({ids} identities) into {toy}")
         make_toy_market(toy, num_ids=ids, seed=0, overwrite=manifest is not None, progress=True)
     else:
         click.echo(f"toy Market already in {toy}")
-    with contextlib.ExitStack() as stack:
-        if config_path is None:
-            config_path = stack.enter_context(resources.as_file(resources.files("reid_aug.configs") / DEMO_CONFIG))
-        cfg = load_config(ExperimentConfig, config_path,
-                          {"data": str(toy), "fractions": _comma_list(fractions, float), "device": device})
     _run_and_report(cfg, out / "run", overwrite=False)

@@ -128,6 +128,8 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     if method is not None:
         raise click.UsageError("--method names a workspace row; a one-off job (--data/--out) takes --config")
     cfg = load_config(SynthesisConfig, config_path, overrides)
+    if cfg.generator == "toy-oracle" and poses_csv is not None:
+        raise click.UsageError("--poses: the toy-oracle renders its own poses and reads no pose file")
     if cfg.generator == "pcdms" and cfg.allow_random_weights:
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
