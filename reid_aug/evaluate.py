@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pcdms.devices import resolve_device
-from pcdms.io import atomic_path, sha256_folder, write_json_atomic
+from pcdms.io import atomic_path, sha256_file, write_json_atomic
 
 METRICS_NAME = "metrics.json"
 #: Arrays of a features file (torchreid's names); ``distmat`` (Q, G) is optional.
@@ -304,6 +304,12 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _weights_name() -> str:
+    from reid_aug.bot.model import WEIGHTS_NAME  # lazily, as _extract imports the model: evaluation alone needs no BoT
+
+    return WEIGHTS_NAME
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     return resolve_device(device)
 
@@ -426,7 +432,8 @@ def evaluate_model(
             "feature_dim": int(q_feats.shape[1]),
             "image_size": size,
             "model": str(model_folder.absolute()),
-            "model_sha256": sha256_folder(model_folder),
+            # The weights file's hash, as train-bot's manifest records it: a metrics file matches its model.
+            "model_sha256": sha256_file(Path(model_folder) / _weights_name()),
             "dataset_root": str(dataset.root),
             "layout": dataset.layout,
             "device": str(dev),

@@ -14,6 +14,8 @@ checkpoint, synthesis from the images already written).
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -196,6 +198,22 @@ def _filtered(run_dir, method: MethodConfig, fraction: float, seed: int, device,
     return read_image_folder(out, relabel=False, keep_distractors=False)
 
 
+def _cell_bot_config(cfg: ExperimentConfig, method: MethodConfig | None, seed: int) -> BotConfig:
+    bot = dataclasses.replace(cfg.bot, seed=seed)
+    return bot if method is None else dataclasses.replace(bot, synthetic_share=method.synthetic_share)
+
+
+# BoT settings that do not change a finished model (logging, loading, what is kept on disk).
+_BOT_EXECUTION_KEYS = ("log_every", "num_workers", "keep_checkpoint")
+
+
+def _changed_bot_keys(out: Path, expected: BotConfig) -> list[str]:
+    """Keys in which the finished cell ``out`` was trained otherwise than ``expected`` says."""
+    stored = (read_manifest(out) or {}).get("config") or {}
+    now = json.loads(json.dumps(dataclasses.asdict(expected), default=str))
+    return sorted(k for k in now if k not in _BOT_EXECUTION_KEYS and stored.get(k) != now[k])
+
+
 def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset, method: MethodConfig | None,
                fraction: float, seed: int, echo: Callable[[str], None] = print, label: str = "") -> dict:
     """Train and evaluate BoT for one cell (``method`` None: the standard row); return its metrics.
@@ -207,13 +225,12 @@ def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset,
     out = cell_dir(run_dir, name, fraction, seed)
     label = label or f"{name} fraction {fraction:g} seed {seed}"
     sub_path, records = ensure_subset(dataset, run_dir, fraction, seed)
-    bot_cfg = dataclasses.replace(cfg.bot, seed=seed)
+    bot_cfg = _cell_bot_config(cfg, method, seed)
     synthetic = []
     if method is not None:
         synthetic = cell_synthetic_images(run_dir, method, fraction, seed)
         if method.identity_filter is not None:
             synthetic = _filtered(run_dir, method, fraction, seed, cfg.device, echo, label)
-        bot_cfg = dataclasses.replace(bot_cfg, synthetic_share=method.synthetic_share)
     echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
     train_bot(bot_cfg, records, out, synthetic_records=synthetic, resume=True, device=cfg.device,
               sources={"data": dataset.root, "subset": sub_path})
@@ -244,9 +261,17 @@ def run_experiment(
     for i, (seed, fraction, arm) in enumerate(cells, 1):
         name = STANDARD if arm is None else arm.name
         label = f"[{i}/{len(cells)}] {name} fraction {fraction:g} seed {seed}"
-        if (cell_dir(run_dir, name, fraction, seed) / METRICS_NAME).is_file():
-            echo(f"{label}: done, skipped")
-            continue
+        out = cell_dir(run_dir, name, fraction, seed)
+        if (out / METRICS_NAME).is_file():
+            changed = _changed_bot_keys(out, _cell_bot_config(cfg, arm, seed))
+            if not changed:
+                echo(f"{label}: done, skipped")
+                continue
+            if not overwrite:
+                raise ValueError(f"{out} was trained with another BoT config (keys that differ: {changed}); "
+                                 "use --overwrite to train it again")
+            echo(f"{label}: trained with another BoT config ({', '.join(changed)}): training it again")
+            shutil.rmtree(out)
         if arm is not None:
             echo(f"{label}: synthesizing ({arm.synthesis.generator})")
             synthesize_cell(cfg, run_dir, dataset, arm, fraction, seed, echo)

@@ -398,7 +398,7 @@ def test_re_ranking_bad_input():
 def test_evaluate_model_end_to_end(tiny_model_and_market, tmp_path):
     import json
 
-    from pcdms.io import sha256_folder
+    from pcdms.io import sha256_file
     from reid_aug.bot.data import load_images
     from reid_aug.bot.features import extract_features
     from reid_aug.bot.model import load_bot
@@ -411,7 +411,7 @@ def test_evaluate_model_end_to_end(tiny_model_and_market, tmp_path):
     assert on_disk == json.loads(json.dumps(m))
     dataset = read_reid_dataset(market)
     assert m["num_query"] == len(dataset.query) and m["num_gallery"] == len(dataset.gallery)
-    assert m["protocol"] == PROTOCOL and m["model_sha256"] == sha256_folder(folder)
+    assert m["protocol"] == PROTOCOL and m["model_sha256"] == sha256_file(folder / "model.safetensors")  # as train-bot records it
     assert m["rank1_pct"] == pytest.approx(100 * m["rank1"]) and m["mAP_pct"] == pytest.approx(100 * m["mAP"])
     k1 = min(20, m["num_query"] + m["num_gallery"] - 1)  # the toy set may hold fewer than 21 images
     assert m["rerank"]["params"] == {"k1": k1, "k2": min(6, k1 + 1), "lambda_value": 0.3}

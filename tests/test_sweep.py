@@ -121,3 +121,20 @@ def test_identity_filtered_method_trains_on_the_kept_images_and_the_report_says_
     with pytest.raises(ValueError, match="standard must be on"):
         ExperimentConfig(data=toy, standard=False,
                          methods=(MethodConfig("m", identity_filter=IdentityFilterConfig(rank1=True)),))
+
+
+def test_overwrite_with_a_changed_bot_config_retrains_the_finished_cells(toy: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(CONFIG.replace("fractions: [0.5, 1.0]", "fractions: [0.5]").replace("standard: true\n", "")
+                   .replace("methods:\n  - name: oracle\n    synthesis:\n      generator: toy-oracle\n      per_image: 1\n",
+                            "methods: []\n"))
+    run = tmp_path / "run"
+    _run(["run", "--config", str(cfg), "--out", str(run), "--data", str(toy), "--device", "cpu"])
+    cfg.write_text(cfg.read_text().replace("\n  epochs: 1\n", "\n  epochs: 2\n"))
+    out = _run(["run", "--config", str(cfg), "--out", str(run), "--data", str(toy), "--device", "cpu",
+                "--overwrite"])
+    assert "trained with another BoT config (epochs): training it again" in out and "done, skipped" not in out
+    manifest = json.loads((cell_dir(run, "standard", 0.5, 3) / "manifest.json").read_text())
+    assert manifest["config"]["epochs"] == 2
+    out = _run(["run", "--config", str(cfg), "--out", str(run), "--data", str(toy), "--device", "cpu"])
+    assert "done, skipped" in out
