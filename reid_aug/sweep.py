@@ -28,8 +28,8 @@ from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
 from reid_aug.layout import STANDARD, cell_dir, filtered_dir, subset_path, synthetic_dir
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
-from reid_aug.synthesis import (SynthesisConfig, SynthesisError, config_dict, config_differences,
-                                read_synthesis_manifest, synthesize)
+from reid_aug.synthesis import (SynthesisConfig, SynthesisError, check_synthetic_folder, config_dict,
+                                config_differences, read_synthesis_manifest, synthesize)
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,8 @@ def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: f
         raise SynthesisError(f"{syn_dir}: no complete synthetic images of method {method.name!r} at fraction "
                              f"{fraction:g}, seed {seed}; make them first (reid-aug synthesize --subset "
                              f"{fraction:g} --method {method.name})")
+    check_synthetic_folder(syn_dir, (r.name for r in read_subset_csv(subset_path(run_dir, fraction, seed),
+                                                                     read_reid_dataset(stored["sources"]["dataset_root"]))))
     diffs = config_differences(stored.get("config", {}), config_dict(dataclasses.replace(method.synthesis, seed=seed)))
     if diffs:
         raise SynthesisError(f"{syn_dir} was made with other settings than method {method.name!r} "

@@ -638,6 +638,41 @@ def read_synthesis_manifest(out: Path) -> dict | None:
     return data
 
 
+def check_synthetic_folder(folder: str | Path, real_names: Iterable[str]) -> dict[str, Any]:
+    """Provenance of a folder of synthetic images about to be trained on with the real images ``real_names``.
+
+    A ``synthesize`` folder must be complete and made only from those real images (a folder made from a
+    larger subset would carry identities' views the training subset does not hold: leakage); a
+    ``filter-identity`` folder is checked through the synthesis folder it filtered. Returns
+    ``{"folder", "step", "plan_sha256", "complete"}`` for the training manifest; a folder without a
+    manifest (images from elsewhere) returns ``step: None``. Raises SynthesisError naming the folder.
+    """
+    folder = Path(folder)
+    stored = read_manifest(folder)
+    if stored is None:
+        return {"folder": str(folder.absolute()), "step": None, "plan_sha256": None, "complete": None}
+    if stored.get("step") == "filter-identity":
+        inner = check_synthetic_folder(stored.get("sources", {}).get("synthetic", ""), real_names)
+        return {**inner, "folder": str(folder.absolute()), "step": "filter-identity", "filtered": inner["folder"]}
+    if stored.get("step") != STEP:
+        raise SynthesisError(f"{folder} holds the output of {stored.get('step')!r}, not synthetic images")
+    if not stored.get("complete"):
+        raise SynthesisError(f"{folder}: the synthesis is unfinished (manifest.json says complete: false); run "
+                             "the same synthesize command again to finish it")
+    real = set(real_names)
+    table = folder / SYNTHESIS_CSV
+    if not table.is_file():
+        raise SynthesisError(f"{folder}: {SYNTHESIS_CSV} is missing; cannot tell which real images it was made from")
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        outside = sorted({row["source"] for row in csv.DictReader(f)} - real)
+    if outside:
+        raise SynthesisError(f"{folder} was made from {len(outside)} real image(s) outside the training subset "
+                             f"(e.g. {', '.join(outside[:3])}): training on it would leak them; synthesize from "
+                             "this subset instead")
+    return {"folder": str(folder.absolute()), "step": STEP, "plan_sha256": stored.get("plan_sha256"),
+            "complete": True}
+
+
 def config_differences(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """``"key: old -> new"`` for every setting (not ``device``) in which a folder's stored config differs
     from ``config`` (:func:`config_dict` form); keys the stored config lacks count as their default."""

@@ -69,3 +69,31 @@ def test_messages_a_person_understands(toy, tmp_path):
     res = runner.invoke(main, ["synthesize", "--data", str(toy), "--subset", "0.5", "--out", str(tmp_path / "o"),
                                "--generator", "toy-oracle", "--poses", str(toy / "market-annotation-train.csv")])
     assert res.exit_code == 2 and "reads no pose file" in res.output and not (tmp_path / "o").exists()
+
+
+def test_train_bot_refuses_unfinished_or_leaking_synthetic_folders(toy, tmp_path):
+    import json
+
+    from reid_aug.data.market import read_reid_dataset
+    from reid_aug.data.subset import make_subset, write_subset_csv
+
+    runner = CliRunner()
+    dataset = read_reid_dataset(toy)
+    small, large = tmp_path / "small.csv", tmp_path / "large.csv"
+    write_subset_csv(small, make_subset(dataset.train, 0.3, seed=0))
+    write_subset_csv(large, make_subset(dataset.train, 0.8, seed=0))
+    for name, sub in (("syn-small", small), ("syn-large", large)):
+        res = runner.invoke(main, ["synthesize", "--data", str(toy), "--subset", str(sub), "--out", str(tmp_path / name),
+                                   "--generator", "toy-oracle"])
+        assert res.exit_code == 0, res.output
+    train = ["train-bot", "--data", str(toy), "--subset", str(small), "--epochs", "1", "--backbone", "resnet18",
+             "--image-size", "32x16", "--batch-size", "8", "--device", "cpu", "--dry-run"]
+    res = runner.invoke(main, [*train, "--synthetic", str(tmp_path / "syn-large"), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "outside the training subset" in res.output and "leak" in res.output
+    manifest = json.loads((tmp_path / "syn-small" / "manifest.json").read_text())
+    (tmp_path / "syn-small" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    res = runner.invoke(main, [*train, "--synthetic", str(tmp_path / "syn-small"), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 1 and "unfinished" in res.output
+    (tmp_path / "syn-small" / "manifest.json").write_text(json.dumps(manifest))
+    res = runner.invoke(main, [*train, "--synthetic", str(tmp_path / "syn-small"), "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output

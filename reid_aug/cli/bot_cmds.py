@@ -124,8 +124,17 @@ def train_bot_cmd(
     sources = {"data": dataset.root}
     if subset_file is not None:
         sources["subset"] = subset_file.absolute()
+    from reid_aug.synthesis import SynthesisError, check_synthetic_folder
+
     for i, d in enumerate(synthetic_dirs):
+        try:
+            info = check_synthetic_folder(d, (r.name for r in records))
+        except SynthesisError as exc:
+            raise click.ClickException(str(exc)) from None
         sources[f"synthetic_{i}"] = d.absolute()
+        sources[f"synthetic_{i}_plan_sha256"] = info["plan_sha256"]
+        if info["step"] is None:
+            click.echo(f"note: {d} has no manifest.json: where its images come from is not recorded")
     echo = click.echo if int(os.environ.get("RANK", "0")) == 0 else (lambda *_a, **_k: None)
     echo(
         f"BoT {cfg.backbone} on {len(records)} real images / {len({r.pid for r in records})} ids"
