@@ -82,3 +82,60 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+class FolderBusyError(ValueError):
+    """Another process is writing the same output folder (a ValueError: commands report those in one line)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold a lock on ``folder`` (an OS file lock on ``.<name>.lock`` beside it, via the ``filelock``
+    package) while a step writes it; under torchrun only process 0 (``RANK``) takes it.
+
+    Two runs into one folder at once would interleave checkpoints and manifests and both report
+    success; the second one fails here instead. The lock sits beside the folder, so taking it
+    creates nothing inside (a run that fails early leaves no folder), and it goes with the process
+    (a kill frees it). Raises :class:`FolderBusyError` naming the folder.
+    """
+    from filelock import FileLock, Timeout
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderBusyError(f"{folder} is being written by another reid-aug process (it holds {path}); "
+                              "wait for it, or choose another output folder") from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a waiting process would have failed, not queued
+        lock.release()
+
+
+def locked_output(param: str = "out_dir"):
+    """Decorator: run the function holding :func:`folder_lock` on its argument ``param`` (an output
+    folder); a call with ``dry_run=True`` writes nothing and takes no lock."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            if bound.arguments.get("dry_run"):
+                return fn(*args, **kwargs)
+            with folder_lock(bound.arguments[param]):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

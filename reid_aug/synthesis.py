@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pcdms.devices import resolve_device as _torch_device
-from pcdms.io import atomic_path, read_json_object, sha256_file, sha256_folder, write_text_atomic
+from pcdms.io import atomic_path, locked_output, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import DatasetError, ImageRecord, ReidDataset, is_image_file, parse_market_name
 from reid_aug.data.subset import write_subset_csv
@@ -810,6 +810,7 @@ def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> N
                                "synthetic images must never carry a test identity")
 
 
+@locked_output("out_dir")  # two runs into one folder at once: the second fails
 def synthesize(
     cfg: SynthesisConfig,
     dataset: ReidDataset,

@@ -97,3 +97,28 @@ def test_train_bot_refuses_unfinished_or_leaking_synthetic_folders(toy, tmp_path
     (tmp_path / "syn-small" / "manifest.json").write_text(json.dumps(manifest))
     res = runner.invoke(main, [*train, "--synthetic", str(tmp_path / "syn-small"), "--out", str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
+
+
+def test_one_output_folder_one_writer_and_no_stale_metrics(toy, tmp_path):
+    from pcdms.io import folder_lock
+
+    args = ["train-bot", "--data", str(toy), "--out", str(tmp_path / "bot"), "--epochs", "1", "--backbone",
+            "resnet18", "--image-size", "32x16", "--batch-size", "8", "--device", "cpu"]
+    with folder_lock(tmp_path / "bot"):  # as another process training into the same folder would
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "being written by another reid-aug process" in res.output
+    assert not (tmp_path / "bot").exists()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (tmp_path / "bot" / "metrics.json").write_text("{}")  # an evaluation of the model below
+    assert CliRunner().invoke(main, [*args, "--no-resume"]).exit_code == 0
+    assert not (tmp_path / "bot" / "metrics.json").exists()  # it described the model the new run replaced
+
+
+def test_subset_out_is_not_silently_replaced(toy, tmp_path):
+    runner = CliRunner()
+    args = ["subset", str(toy), "--out", str(tmp_path / "s.csv")]
+    assert runner.invoke(main, [*args, "--fraction", "0.5"]).exit_code == 0
+    assert runner.invoke(main, [*args, "--fraction", "0.5"]).exit_code == 0  # the same list: fine
+    res = runner.invoke(main, [*args, "--fraction", "0.7"])
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    assert runner.invoke(main, [*args, "--fraction", "0.7", "--overwrite"]).exit_code == 0

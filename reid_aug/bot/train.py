@@ -50,13 +50,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pcdms.devices import resolve_device
-from pcdms.io import atomic_path, sha256_file, write_text_atomic
+from pcdms.io import atomic_path, locked_output, sha256_file, write_text_atomic
 from reid_aug.bot.config import BotConfig, lr_factor
 from reid_aug.bot.data import augment_batch, default_num_workers, load_images
 from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss, gather_batch
 from reid_aug.bot.model import WEIGHTS_NAME, build_bot, load_bot, save_bot
 from reid_aug.bot.sampler import RandomIdentitySampler, mixed_epoch_batches
 from reid_aug.data.market import ImageRecord
+from reid_aug.evaluate import METRICS_NAME
 from reid_aug.manifest import read_manifest, write_manifest
 
 __all__ = ["BotConfig", "train_bot", "load_bot", "lr_factor", "label_map"]
@@ -248,6 +249,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+@locked_output("out_dir")  # two runs into one folder at once: the second fails
 def train_bot(
     cfg: BotConfig,
     train_records: Sequence[ImageRecord],
@@ -282,6 +284,9 @@ def train_bot(
     model_dir = out_dir / MODEL_DIRNAME
     if resume and _finished(out_dir, fingerprint, cfg.epochs):
         return model_dir
+    # Whatever evaluated an earlier model here no longer describes the one this run makes.
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out_dir / METRICS_NAME).unlink(missing_ok=True)
 
     rank, world, device, own_group = _setup_distributed(device)
     is_main, cuda = rank == 0, device.type == "cuda"

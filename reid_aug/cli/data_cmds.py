@@ -11,7 +11,7 @@ from pcdms.io import sha256_file, write_json_atomic
 from reid_aug.cli.app import main
 from reid_aug.cli.config import config_to_dict, load_config
 from reid_aug.data.market import DatasetError, ReidDataset, check_images_readable, read_reid_dataset, records_summary
-from reid_aug.data.subset import SubsetConfig, make_subset, write_subset_csv
+from reid_aug.data.subset import SubsetConfig, make_subset, read_subset_csv, write_subset_csv
 from reid_aug.manifest import build_manifest
 
 
@@ -37,8 +37,10 @@ def subset_manifest_path(out: Path) -> Path:
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="CSV to write.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="YAML with fraction/seed.")
 @click.option("--check-images", is_flag=True, help="Decode every image first (slow on the full set).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out that lists other images.")
 def subset_cmd(
-    root: Path, fraction: float | None, seed: int | None, out: Path, config_path: Path | None, check_images: bool
+    root: Path, fraction: float | None, seed: int | None, out: Path, config_path: Path | None, check_images: bool,
+    overwrite: bool,
 ) -> None:
     """Write a seeded FRACTION of ROOT's training images (every identity kept) to the CSV --out.
 
@@ -53,6 +55,15 @@ def subset_cmd(
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
     summary = records_summary(records)
+    if out.exists() and not overwrite:
+        # Later steps may have used the file: replace it only when asked (the same list is not a change).
+        try:
+            same = {r.name for r in read_subset_csv(out, dataset)} == {r.name for r in records}
+        except DatasetError:
+            same = False
+        if not same:
+            raise click.ClickException(f"{out} exists and lists other images; use --overwrite to replace it "
+                                       "(steps that used it would then disagree with it), or another --out")
     # A plain CSV (header first) so any tool reads it; what made it goes to the sidecar manifest.
     write_subset_csv(out, records)
     write_json_atomic(
