@@ -39,6 +39,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         if tmp_path.exists():  # mkstemp makes 0600 files: give the result the mode a plain open() would
             os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        # Writers (PIL, torch) raise ENOSPC & co. without a file name: name the file being written.
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

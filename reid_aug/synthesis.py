@@ -952,7 +952,7 @@ def synthesize(
         extra = {"complete": complete, "generator": cfg.generator, "allow_random_weights": cfg.allow_random_weights,
                  "plan_sha256": plan_hash, "image_size": list(image_size), "jpeg_quality": JPEG_QUALITY,
                  "counts": counts, "outputs": dict(outputs or {}), "world_size": world}
-        if cfg.generator == "pcdms" and cfg.allow_random_weights:
+        if cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
             extra["WARNING"] = RANDOM_WEIGHTS_WARNING
         if cfg.generator == "toy-oracle":
             extra["note"] = TOY_ORACLE_NOTE

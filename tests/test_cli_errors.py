@@ -122,3 +122,27 @@ def test_subset_out_is_not_silently_replaced(toy, tmp_path):
     res = runner.invoke(main, [*args, "--fraction", "0.7"])
     assert res.exit_code == 1 and "--overwrite" in res.output
     assert runner.invoke(main, [*args, "--fraction", "0.7", "--overwrite"]).exit_code == 0
+
+
+def test_a_full_disk_is_one_line_naming_the_file(toy, tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):  # what PIL raises when the disk fills: no file name in the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    res = CliRunner().invoke(main, ["synthesize", "--data", str(toy), "--subset", "0.5", "--out", str(tmp_path / "o"),
+                                    "--generator", "toy-oracle"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    line = [l for l in res.output.splitlines() if l.startswith("Error:")][0]
+    assert str(tmp_path / "o") in line and line.endswith("No space left on device")
+
+
+def test_a_random_file_is_not_a_pytorch_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(bytes(range(7, 250)) * 20)
+    res = CliRunner().invoke(main, ["convert-official", str(tmp_path / "x.pt"), "--stage", "inpaint", "--out",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 1 and "not a PyTorch checkpoint" in res.output and "trust" not in res.output
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,13 @@ class _FlowOrderGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
 
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:  # a read-only folder, a full disk ...: one line naming the path, no traceback
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
 
 @click.group(
     cls=_FlowOrderGroup,

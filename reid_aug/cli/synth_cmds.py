@@ -14,7 +14,7 @@ from reid_aug.cli.config import config_to_dict, load_config, normalize_record
 from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
 from reid_aug.data.subset import make_subset, read_subset_csv
 from reid_aug.manifest import read_manifest
-from reid_aug.synthesis import GENERATORS, RANDOM_WEIGHTS_WARNING, SynthesisConfig, synthesize
+from reid_aug.synthesis import GENERATORS, RANDOM_WEIGHTS_WARNING, SynthesisConfig, encoder_paths, synthesize
 
 
 def parse_subset_arg(value: str) -> float | Path:
@@ -130,7 +130,7 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     cfg = load_config(SynthesisConfig, config_path, overrides)
     if cfg.generator == "toy-oracle" and poses_csv is not None:
         raise click.UsageError("--poses: the toy-oracle renders its own poses and reads no pose file")
-    if cfg.generator == "pcdms" and cfg.allow_random_weights:
+    if cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         dataset = read_reid_dataset(data_root)
@@ -219,7 +219,7 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
             f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml, or run a one-off job "
             "(--data ROOT --out DIR)")
     method = dataclasses.replace(method, synthesis=syn)
-    if syn.generator == "pcdms" and syn.allow_random_weights:
+    if syn.generator == "pcdms" and syn.allow_random_weights and None in encoder_paths(syn).values():
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         if dry_run:
