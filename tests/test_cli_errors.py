@@ -146,3 +146,22 @@ def test_a_random_file_is_not_a_pytorch_checkpoint(tmp_path):
                                     str(tmp_path / "out")])
     assert res.exit_code == 1 and "not a PyTorch checkpoint" in res.output and "trust" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_models_and_folders_that_do_not_belong(toy, tmp_path, tiny_model_and_market):
+    import shutil
+
+    model, _ = tiny_model_and_market
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:500])
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(broken), "--data", str(toy), "--out",
+                                    str(tmp_path / "ev"), "--device", "cpu"])
+    assert res.exit_code == 1 and "unreadable weights" in res.output and "model.safetensors" in res.output
+    syn = tmp_path / "syn"
+    assert CliRunner().invoke(main, ["synthesize", "--data", str(toy), "--subset", "0.5", "--out", str(syn),
+                                     "--generator", "toy-oracle"]).exit_code == 0
+    before = (syn / "manifest.json").read_text()
+    res = CliRunner().invoke(main, ["train-bot", "--data", str(toy), "--out", str(syn), "--epochs", "1"])
+    assert res.exit_code == 1 and "holds the output of 'synthesize'" in res.output
+    assert (syn / "manifest.json").read_text() == before

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 import torchvision
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -185,7 +186,11 @@ def load_bot(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Bo
     except KeyError as exc:
         raise ValueError(f"{cfg_path}: missing key {exc}") from None
     try:
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        try:
+            weights = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights_path}: unreadable weights ({exc}); a truncated or partly copied file?") from None
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{weights_path}: weights do not match {cfg_path.name}: {exc}") from None
     return model.to(device).eval(), config

@@ -284,6 +284,9 @@ def train_bot(
     model_dir = out_dir / MODEL_DIRNAME
     if resume and _finished(out_dir, fingerprint, cfg.epochs):
         return model_dir
+    other = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
+    if other is not None and other.get("step") != STEP:
+        raise ValueError(f"{out_dir} holds the output of {other.get('step')!r}; train into another folder")
     # Whatever evaluated an earlier model here no longer describes the one this run makes.
     if int(os.environ.get("RANK", "0")) == 0:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
