@@ -353,6 +353,12 @@ def test_tensorboard_events_survive_a_kill_without_duplicates(market, tmp_path, 
         train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False, tensorboard=True)
     assert [s for s, _ in _scalars(tmp_path / "b", "train/loss")] == list(range(1, 7))  # epoch 3 was written
     monkeypatch.setattr(bot_train, "_rng_state", real_rng_state)
+    # TensorBoard reads a folder's event files in name order, and names start with the creation second
+    # and end with a per-process counter: a resume in the same second of the same (test) process could
+    # sort before the run it resumes. A real resume is a new process, later.
+    import time
+
+    time.sleep(1.1)
     train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False, tensorboard=True)
     a, b = _scalars(tmp_path / "a", "train/loss"), _scalars(tmp_path / "b", "train/loss")
     assert [s for s, _ in b] == list(range(1, 9)) and a == b
