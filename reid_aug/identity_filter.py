@@ -136,6 +136,13 @@ def filter_folder(synthetic_dir, model_dir, out, min_score: float | None = None,
         shutil.rmtree(out)  # an earlier (or unfinished) filtering of other inputs: derived data, made again
     dataset = read_reid_dataset(stored["sources"]["dataset_root"])
     real = read_subset_csv(synthetic_dir / "subset.csv", dataset)
+    trained = read_manifest(model_dir.parent)  # train-bot writes model/ beside its manifest
+    if trained is not None and trained.get("step") == "train-bot":
+        if trained.get("num_real_images") != len(real) or trained.get("num_synthetic_images"):
+            raise ValueError(f"{model_dir} was trained on {trained.get('num_real_images')} real (+ "
+                             f"{trained.get('num_synthetic_images') or 0} synthetic) images, not on the "
+                             f"{len(real)} real images of {synthetic_dir}'s subset alone; score with the standard "
+                             "model of the same subset")
     synthetic = read_image_folder(synthetic_dir, relabel=False, keep_distractors=False)
     scores = identity_scores(model_dir, real, synthetic, device=device, progress=progress)
     scores["kept"] = keep_mask(scores, min_score, rank1)

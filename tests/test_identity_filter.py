@@ -72,3 +72,13 @@ def test_filter_refuses_what_it_cannot_judge(filtered_setup, tmp_path):
     res = runner.invoke(main, ["filter-identity", str(incomplete), "--model", str(model), "--out",
                                str(tmp_path / "b"), "--min-score", "0.5"])
     assert res.exit_code == 1 and "not a complete synthesize folder" in res.output
+
+
+def test_filter_refuses_a_model_trained_on_other_images(filtered_setup, tmp_path):
+    dataset, subset, model, syn = filtered_setup
+    other = train_bot(BotConfig(backbone="resnet18", pretrained=None, image_size=(32, 16), epochs=1, batch_size=8,
+                                num_instances=4, warmup_epochs=1, milestones=(1,), padding=2, keep_checkpoint=False),
+                      list(dataset.train), tmp_path / "whole", device="cpu", progress=False)
+    res = CliRunner().invoke(main, ["filter-identity", str(syn), "--model", str(other), "--out", str(tmp_path / "k"),
+                                    "--min-score", "0.5"])
+    assert res.exit_code == 1 and "score with the standard model of the same subset" in res.output

@@ -14,6 +14,9 @@ class _FlowOrderGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: what was finished is kept; run the same command again to resume", err=True)
+            raise click.Abort() from None
         except OSError as exc:  # a read-only folder, a full disk ...: one line naming the path, no traceback
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
