@@ -89,6 +89,12 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def launcher_rank() -> int:
+    """This process's rank as torchrun / ``accelerate launch`` set it (``RANK``; 0 when not launched so).
+    Read before any process group exists, to let one process print and write."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class FolderBusyError(ValueError):
     """Another process is writing the same output folder (a ValueError: commands report those in one line)."""
 
@@ -105,7 +111,7 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launcher_rank() != 0:
         yield
         return
     folder = Path(folder).absolute()

@@ -18,9 +18,9 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-import torch
+from pcdms.devices import resolve_device
 
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.data.market import ReidDataset, read_image_folder, read_reid_dataset
@@ -163,17 +163,18 @@ def synthesize_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDat
                       overwrite=overwrite, dry_run=dry_run)
 
 
-def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: float, seed: int) -> list:
-    """The synthetic images of a cell, checked: the folder is complete and was made with the method's
-    settings (not with other options that would then sit in the table under the method's name)."""
+def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: float, seed: int,
+                          real_names: Iterable[str]) -> list:
+    """The synthetic images of a cell, checked: the folder is complete, made from the cell's real subset
+    ``real_names`` only, and with the method's settings (not with other options that would then sit in
+    the table under the method's name)."""
     syn_dir = synthetic_dir(run_dir, method.name, fraction, seed)
     stored = read_synthesis_manifest(syn_dir) if syn_dir.is_dir() else None
     if stored is None or not stored.get("complete"):
         raise SynthesisError(f"{syn_dir}: no complete synthetic images of method {method.name!r} at fraction "
                              f"{fraction:g}, seed {seed}; make them first (reid-aug synthesize --subset "
                              f"{fraction:g} --method {method.name})")
-    check_synthetic_folder(syn_dir, (r.name for r in read_subset_csv(subset_path(run_dir, fraction, seed),
-                                                                     read_reid_dataset(stored["sources"]["dataset_root"]))))
+    check_synthetic_folder(syn_dir, real_names)
     diffs = config_differences(stored.get("config", {}), config_dict(dataclasses.replace(method.synthesis, seed=seed)))
     if diffs:
         raise SynthesisError(f"{syn_dir} was made with other settings than method {method.name!r} "
@@ -194,7 +195,7 @@ def _filtered(run_dir, method: MethodConfig, fraction: float, seed: int, device,
     f = method.identity_filter
     out = filtered_dir(run_dir, method.name, fraction, seed)
     made = filter_folder(synthetic_dir(run_dir, method.name, fraction, seed), standard / "model", out, f.min_score,
-                         f.rank1, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                         f.rank1, device=resolve_device(device))
     echo(f"{label}: identity filter kept {made['kept']:,} of {made['images']:,} synthetic images "
          f"({100 * made['kept_fraction']:.1f} %)")
     return read_image_folder(out, relabel=False, keep_distractors=False)
@@ -230,7 +231,7 @@ def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset,
     bot_cfg = _cell_bot_config(cfg, method, seed)
     synthetic = []
     if method is not None:
-        synthetic = cell_synthetic_images(run_dir, method, fraction, seed)
+        synthetic = cell_synthetic_images(run_dir, method, fraction, seed, (r.name for r in records))
         if method.identity_filter is not None:
             synthetic = _filtered(run_dir, method, fraction, seed, cfg.device, echo, label)
     echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")

@@ -50,6 +50,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pcdms.devices import resolve_device as _torch_device
+from pcdms.images import to_rgb8
 from pcdms.io import atomic_path, locked_output, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import DatasetError, ImageRecord, ReidDataset, is_image_file, parse_market_name
@@ -428,7 +429,7 @@ def _open_rgb(path: Path) -> Image.Image | None:
     if not path.is_file():
         return None
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb8(im, str(path))
 
 
 def write_preview(out: Path, shown: Sequence[tuple], image_size: tuple[int, int]) -> None:

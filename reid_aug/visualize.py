@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pcdms.images import to_rgb8
 from reid_aug.evaluate import _as_tensor_1d
 
 GREEN = (0, 255, 0)
@@ -74,7 +75,7 @@ def _framed(path: str | os.PathLike, size: tuple[int, int], color: tuple[int, in
     height, width = size
     try:
         with Image.open(path) as im:
-            picture = im.convert("RGB").resize((width, height), Image.BILINEAR)
+            picture = to_rgb8(im, str(path)).resize((width, height), Image.BILINEAR)
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError) as exc:
@@ -170,5 +171,5 @@ def image_grid(
                 tile = Image.new("RGB", (w, h), (160, 160, 160))
             elif not isinstance(tile, Image.Image):
                 tile = Image.fromarray(np.asarray(tile, dtype=np.uint8))
-            grid.paste(tile.convert("RGB").resize((w, h)), (gap + j * (w + gap), top + gap + i * (h + gap)))
+            grid.paste(to_rgb8(tile).resize((w, h)), (gap + j * (w + gap), top + gap + i * (h + gap)))
     return grid

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pcdms.devices import resolve_device
-from pcdms.io import atomic_path, locked_output, sha256_file, write_text_atomic
+from pcdms.io import atomic_path, launcher_rank, locked_output, sha256_file, write_text_atomic
 from reid_aug.bot.config import BotConfig, lr_factor
 from reid_aug.bot.data import augment_batch, default_num_workers, load_images
 from reid_aug.bot.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss, gather_batch
@@ -288,7 +288,7 @@ def train_bot(
     if other is not None and other.get("step") != STEP:
         raise ValueError(f"{out_dir} holds the output of {other.get('step')!r}; train into another folder")
     # Whatever evaluated an earlier model here no longer describes the one this run makes.
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launcher_rank() == 0:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
 
     rank, world, device, own_group = _setup_distributed(device)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
 import click
 
+from pcdms.io import launcher_rank
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.cli.app import main
 from reid_aug.cli.config import config_to_dict, load_config, normalize_record, read_yaml
@@ -135,7 +135,7 @@ def train_bot_cmd(
         sources[f"synthetic_{i}_plan_sha256"] = info["plan_sha256"]
         if info["step"] is None:
             click.echo(f"note: {d} has no manifest.json: where its images come from is not recorded")
-    echo = click.echo if int(os.environ.get("RANK", "0")) == 0 else (lambda *_a, **_k: None)
+    echo = click.echo if launcher_rank() == 0 else (lambda *_a, **_k: None)
     echo(
         f"BoT {cfg.backbone} on {len(records)} real images / {len({r.pid for r in records})} ids"
         f" + {len(synthetic)} synthetic, {cfg.epochs} epochs -> {out_dir}"
@@ -154,7 +154,7 @@ def train_bot_cmd(
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per process
+    if launcher_rank() == 0:  # under torchrun: once, not once per process
         click.echo(f"model in {model_dir} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -194,7 +194,8 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     try:
         if dry_run:  # nothing written: the subset is drawn as the cell would draw it
             records = make_subset(read_reid_dataset(cfg.data).train, frac, seed)
-            synthetic = [] if method is None else cell_synthetic_images(ws.root, method, frac, seed)
+            synthetic = ([] if method is None else
+                         cell_synthetic_images(ws.root, method, frac, seed, (r.name for r in records)))
             click.echo(f"workspace {ws.root}: {name}, fraction {frac:g}, seed {seed} -> "
                        f"{cell_dir(ws.root, name, frac, seed)}")
             bot = dataclasses.replace(cfg.bot, seed=seed,
