@@ -13,14 +13,13 @@ that lists it.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pcdms.io import read_torch_file
 from pcdms.models import STAGES, build_model
 from pcdms.presets import Preset
 
@@ -90,27 +89,7 @@ def read_official_file(path: str | os.PathLike, trust_pickle: bool = False) -> M
     entries) that the safe loader refuses; ``trust_pickle=True`` runs the
     file's pickle code, so only use it on files from a source you trust.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"official checkpoint not found: {path} (the release's mp_rank_00_model_states.pt for the stage)"
-        )
-    with open(path, "rb") as f:
-        head = f.read(2)
-    # torch.save writes a zip archive (PK..); the legacy format starts with a pickle protocol opcode (0x80).
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
-        raise ValueError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle); "
-                         "expected the release's mp_rank_00_model_states.pt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except (RuntimeError, EOFError) as err:  # a damaged archive
-        raise ValueError(f"{path}: unreadable PyTorch checkpoint ({str(err).splitlines()[0]}); a truncated "
-                         "download?") from None
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: the safe loader (weights_only=True) refused it ({str(err).splitlines()[0]}); "
-            "if you trust the file, load it with trust_pickle=True (CLI: --trust-pickle)"
-        ) from None
+    return read_torch_file(path, "the release's mp_rank_00_model_states.pt for the stage", trust_pickle)
 
 
 def load_official(

@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -150,3 +152,33 @@ def locked_output(param: str = "out_dir"):
         return wrapper
 
     return decorate
+
+
+def read_torch_file(path: str | os.PathLike, expected: str, trust_pickle: bool = False) -> Any:
+    """``torch.load`` a weights file on CPU (``weights_only=True`` unless ``trust_pickle``).
+
+    ``expected`` says what the file should be (e.g. "torchvision's AlexNet weights"); it ends
+    every error. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a file
+    that is not a PyTorch checkpoint, a damaged one, or one the safe loader refuses.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path} (expected {expected})")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (PK..); the legacy format starts with a pickle protocol opcode (0x80).
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle); "
+                         f"expected {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except (RuntimeError, EOFError) as err:  # a damaged archive
+        raise ValueError(f"{path}: unreadable PyTorch checkpoint ({str(err).splitlines()[0]}); a truncated "
+                         "download?") from None
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: the safe loader (weights_only=True) refused it ({str(err).splitlines()[0]}); "
+            "if you trust the file, load it with trust_pickle=True (CLI: --trust-pickle)"
+        ) from None

@@ -414,20 +414,35 @@ def _flat_markdown(folder: Path, df: pd.DataFrame) -> str:
         "- Published figures for comparison: see a sweep's report (Table-2 layout).", ""])
 
 
+def _quality_markdown(run_dir: Path) -> str:
+    """The image-quality blocks of every ``quality.json`` in ``RUN_DIR/quality*/`` ("" when none)."""
+    from reid_aug.quality.table import report_blocks
+
+    files = sorted(p / "quality.json" for p in run_dir.glob("quality*") if (p / "quality.json").is_file())
+    return "".join("\n".join(report_blocks(f)) + "\n" for f in files)
+
+
 def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write the report of ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``).
 
     A sweep (``RUN_DIR/runs`` exists) gets the Table-2 report: ``{"markdown": report.md,
     "results_csv": results.csv, "table_rank1_csv": table_rank1.csv, "table_map_csv": table_mAP.csv,
     "latex": table.tex, "plot": curves.png}``. Any other folder gets one row per ``metrics.json``
-    found in it or below (:func:`collect_folder`): ``{"markdown", "results_csv"}``. Written atomically.
+    found in it or below (:func:`collect_folder`): ``{"markdown", "results_csv"}``. Image-quality
+    results (``RUN_DIR/quality*/quality.json`` of ``reid-aug quality``) add the Table-1 and
+    Table-3 blocks to report.md (a folder with only those gets just them). Written atomically.
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    quality = _quality_markdown(run_dir)
     if not (run_dir / "runs").is_dir():
+        paths = {"markdown": out / "report.md"}
+        if quality and not any(p for p in run_dir.rglob(METRICS_NAME) if "report" not in p.relative_to(run_dir).parts):
+            write_text_atomic(paths["markdown"], f"# Image quality\n{quality}")
+            return paths
         flat = collect_folder(run_dir)
-        paths = {"markdown": out / "report.md", "results_csv": out / "results.csv"}
-        write_text_atomic(paths["markdown"], _flat_markdown(run_dir, flat))
+        paths["results_csv"] = out / "results.csv"
+        write_text_atomic(paths["markdown"], _flat_markdown(run_dir, flat) + quality)
         write_text_atomic(paths["results_csv"], flat.to_csv(index=False))
         return paths
     df = collect_results(run_dir)
@@ -445,7 +460,7 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
         "latex": out / "table.tex",
         "plot": out / "curves.png",
     }
-    write_text_atomic(paths["markdown"], _markdown(run_dir, df, unfinished, manifest, methods, fractions))
+    write_text_atomic(paths["markdown"], _markdown(run_dir, df, unfinished, manifest, methods, fractions) + quality)
     write_text_atomic(paths["results_csv"], df.to_csv(index=False))
     write_text_atomic(paths["table_rank1_csv"], _wide_csv(df, "rank1", methods, fractions))
     write_text_atomic(paths["table_map_csv"], _wide_csv(df, "mAP", methods, fractions))

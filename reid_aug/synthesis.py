@@ -201,8 +201,8 @@ class SynthesisItem:
     toy_pose: PoseParams | None = None
 
 
-def synthetic_name(source: ImageRecord, k: int) -> str:
-    """``<source stem>_syn<k:02d>.jpg``; names that are not Market-style get ``PPPP_cC_`` in front."""
+def synthetic_name(source: ImageRecord, k: int, suffix: str = ".jpg") -> str:
+    """``<source stem>_syn<k:02d><suffix>``; names that are not Market-style get ``PPPP_cC_`` in front."""
     stem = Path(source.name).stem
     try:
         parsed = parse_market_name(source.name)
@@ -210,7 +210,7 @@ def synthetic_name(source: ImageRecord, k: int) -> str:
         parsed = None
     if parsed != (source.pid, source.camid):  # e.g. MSMT17 names: make the labels readable from the name
         stem = f"{source.pid:04d}_c{source.camid + 1}_{stem}"
-    name = f"{stem}_syn{k:02d}.jpg"
+    name = f"{stem}_syn{k:02d}{suffix}"
     if parse_market_name(name) != (source.pid, source.camid):
         raise DatasetError(f"{source.path}: cannot name a synthetic image that parses to pid {source.pid}, "
                            f"camid {source.camid} (got {name!r})")
@@ -417,7 +417,7 @@ def _toy_generate(items: Sequence[SynthesisItem], out: Path, toy_seed: int, imag
         if _as_pairs(kp) != item.target_keypoints:
             raise RuntimeError(f"{item.name}: rendered keypoints differ from the plan; the toy renderer changed "
                                "since this folder was planned (re-run with --overwrite)")
-        _save_jpeg(img, out / item.name)
+        save_image(img, out / item.name)
         bar.update(1)
         if preview and len(shown) < PREVIEW_ROWS:
             shown.append((item, None, np.asarray(img)))
@@ -592,8 +592,8 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
         pixels, coarse = (_to_uint8(x) for x in (result.images, result.coarse_images))
         for it, px, cx in zip(real, pixels, coarse):
             if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
-                _save_jpeg(Image.fromarray(cx), out / COARSE_DIR / it.name)
-            _save_jpeg(Image.fromarray(px), out / it.name)
+                save_image(Image.fromarray(cx), out / COARSE_DIR / it.name)
+            save_image(Image.fromarray(px), out / it.name)
             bar.update(1)
         if preview:
             write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
@@ -604,10 +604,13 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _save_jpeg(img: Image.Image, path: Path) -> None:
+def save_image(img: Image.Image, path: Path) -> None:
+    """Write ``img`` atomically: PNG for a ``.png`` name (lossless, the image-quality protocol), else
+    JPEG at :data:`JPEG_QUALITY` (Market's own format, for training folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    png = path.suffix.lower() == ".png"
     with atomic_path(path) as tmp:
-        img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        img.save(tmp, format="PNG" if png else "JPEG", **({} if png else {"quality": JPEG_QUALITY}))
 
 
 # --------------------------------------------------------------------------- output folder

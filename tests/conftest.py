@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +29,18 @@ def tiny_model_and_market(tmp_path_factory):
     model = build_bot(num_classes=3, backbone="resnet18")
     folder = save_bot(root / "model", model, extra_config={"image_size": [64, 32]})
     return folder, market
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A saved PCDMs pipeline of the tiny preset with random stages and encoders."""
+    from pcdms import build_model, get_preset
+    from pcdms.encoders import build_encoders
+    from pcdms.pipeline import PCDMsPipeline
+
+    tiny = get_preset("tiny")
+    torch.manual_seed(0)
+    stages = [build_model(stage, tiny).eval() for stage in ("prior", "inpaint", "refine")]
+    folder = tmp_path_factory.mktemp("pcdms") / "pipeline"
+    PCDMsPipeline(*stages, build_encoders(tiny, allow_random=True), tiny).save_pretrained(folder)
+    return folder

@@ -219,7 +219,7 @@ def test_resume_after_a_kill_makes_exactly_the_missing_images(tmp_path, dataset,
     reference = _hashes(synthesize(TOY, dataset, subset, tmp_path / "ref", progress=False))
     import reid_aug.synthesis as synthesis
 
-    real_save, calls = synthesis._save_jpeg, []
+    real_save, calls = synthesis.save_image, []
 
     def killed_after_five(img, path):
         if len(calls) == 5:
@@ -227,10 +227,10 @@ def test_resume_after_a_kill_makes_exactly_the_missing_images(tmp_path, dataset,
         calls.append(path.name)
         real_save(img, path)
 
-    monkeypatch.setattr(synthesis, "_save_jpeg", killed_after_five)
+    monkeypatch.setattr(synthesis, "save_image", killed_after_five)
     with pytest.raises(KeyboardInterrupt):
         synthesize(TOY, dataset, subset, tmp_path / "run", progress=False)
-    monkeypatch.setattr(synthesis, "_save_jpeg", real_save)
+    monkeypatch.setattr(synthesis, "save_image", real_save)
     assert len(_hashes(tmp_path / "run")) == 5
     assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
     (tmp_path / "run" / ".x.jpg.tmp.abc.jpg").write_bytes(b"half")  # what a kill inside atomic_path leaves
@@ -287,20 +287,6 @@ def test_sources_must_be_training_images_of_training_identities(tmp_path, datase
 # --------------------------------------------------------------------------- PCDMs path
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory) -> Path:
-    from pcdms import build_model, get_preset
-    from pcdms.encoders import build_encoders
-    from pcdms.pipeline import PCDMsPipeline
-
-    tiny = get_preset("tiny")
-    torch.manual_seed(0)
-    stages = [build_model(stage, tiny).eval() for stage in ("prior", "inpaint", "refine")]
-    folder = tmp_path_factory.mktemp("pcdms") / "pipeline"
-    PCDMsPipeline(*stages, build_encoders(tiny, allow_random=True), tiny).save_pretrained(folder)
-    return folder
-
-
 def _pcdms_cfg(pipeline: Path, **kw) -> SynthesisConfig:
     return SynthesisConfig(generator="pcdms", pipeline=pipeline, allow_random_weights=True, num_inference_steps=2,
                            device="cpu", **kw)
@@ -332,7 +318,7 @@ def test_pcdms_path_writes_reproducible_images(tmp_path, dataset, subset, tiny_p
     # Killed after the first image of a batch: the resumed run redoes that batch, bit-identical.
     import reid_aug.synthesis as synthesis
 
-    real_save = synthesis._save_jpeg
+    real_save = synthesis.save_image
     saved: list[str] = []
 
     def killed_after_one(img, path):
@@ -341,10 +327,10 @@ def test_pcdms_path_writes_reproducible_images(tmp_path, dataset, subset, tiny_p
         saved.append(path.name)
         real_save(img, path)
 
-    monkeypatch.setattr(synthesis, "_save_jpeg", killed_after_one)
+    monkeypatch.setattr(synthesis, "save_image", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         synthesize(cfg, dataset, sources, tmp_path / "e", progress=False)
-    monkeypatch.setattr(synthesis, "_save_jpeg", real_save)
+    monkeypatch.setattr(synthesis, "save_image", real_save)
     assert len(_hashes(tmp_path / "e")) == 1
     synthesize(cfg, dataset, sources, tmp_path / "e", progress=False)
     assert _hashes(tmp_path / "e") == _hashes(a)

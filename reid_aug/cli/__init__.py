@@ -13,6 +13,7 @@ from reid_aug.cli import filter_cmds  # noqa: F401  filter-identity
 from reid_aug.cli import bot_cmds  # noqa: F401  train-bot
 from reid_aug.cli import eval_cmds  # noqa: F401  evaluate
 from reid_aug.cli import visualize_cmds  # noqa: F401  visualize-ranks
+from reid_aug.cli import quality_cmds  # noqa: F401  quality
 from reid_aug.cli import report_cmds  # noqa: F401  report
 from reid_aug.cli import experiment_cmds  # noqa: F401  run, demo
 from reid_aug.cli import pcdms_cmds  # noqa: F401  pcdms-info, convert-official

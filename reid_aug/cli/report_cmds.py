@@ -21,7 +21,9 @@ def report_cmd(run_dir: Path | None, out: Path | None) -> None:
     Writes report.md, results.csv, table_rank1.csv, table_mAP.csv, table.tex and curves.png,
     then prints the markdown. The paper's published figures are shown in their own block.
     Any other folder (one evaluate/train-bot folder, or a folder of them): one row per
-    metrics.json found in it or below, as report.md and results.csv.
+    metrics.json found in it or below, as report.md and results.csv. Results of `reid-aug
+    quality` in RUN_DIR/quality*/ add the image-quality tables (PCDMs Table 1 and the stage
+    ablation) with the paper's published Market rows.
     """
     if run_dir is None:
         from reid_aug.workspace import find_workspace
