@@ -39,7 +39,7 @@ from reid_aug.data.toy import plan_dataset, read_toy_manifest, ToyConfig
 from reid_aug.data.toy_render import figure_mask
 from reid_aug.data.toy import identity_for
 from reid_aug.quality import l1, ssim
-from reid_aug.synthesis import toy_oracle_image
+from reid_aug.quality.job import read_test_pairs, toy_oracle_images
 
 VARIANTS = ("copy-source", "B1", "B2", "B3", "full", "toy-oracle")
 
@@ -99,13 +99,13 @@ def main(argv=None) -> int:
                        generator=gens, stages=stages, scheduler=args.scheduler, output_type="pil")
             outputs[stages] += res.images
             coarse_by[stages] = coarse_by.get(stages, []) + list(res.coarse_images)
-        for a, b in chunk:
+        for a, _ in chunk:
             outputs["copy-source"].append(Image.open(path(a)).convert("RGB"))
-            target, source = shots[b], shots[a]
-            rng = np.random.default_rng([toy_seed, 99, source.index, target.index])
-            img, _ = toy_oracle_image(toy_seed, target.pid, source.camid - 1, target.pose, rng, h, w)
-            outputs["toy-oracle"].append(img)
     seconds = time.time() - t0
+    test_pairs = read_test_pairs(args.data)
+    index = {(s.name, t.name): i for i, (s, t) in enumerate(zip(test_pairs.sources, test_pairs.targets))}
+    oracle = toy_oracle_images(test_pairs)
+    outputs["toy-oracle"] = [Image.fromarray(oracle[index[pair]]) for pair in pairs]
 
     targets = [Image.open(path(b)).convert("RGB") for _, b in pairs]
     masks = [figure_mask(identity_for(toy_seed, shots[b].pid), shots[b].pose, h, w)[0] for _, b in pairs]
