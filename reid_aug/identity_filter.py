@@ -115,7 +115,7 @@ def filter_folder(synthetic_dir, model_dir, out, min_score: float | None = None,
 
     from pcdms.io import sha256_file, write_text_atomic
     from reid_aug.bot.model import WEIGHTS_NAME
-    from reid_aug.data.market import read_image_folder, read_reid_dataset
+    from reid_aug.data.market import read_reid_dataset, read_synthetic_folder
     from reid_aug.data.subset import read_subset_csv
     from reid_aug.manifest import read_manifest, write_manifest
 
@@ -143,7 +143,7 @@ def filter_folder(synthetic_dir, model_dir, out, min_score: float | None = None,
                              f"{trained.get('num_synthetic_images') or 0} synthetic) images, not on the "
                              f"{len(real)} real images of {synthetic_dir}'s subset alone; score with the standard "
                              "model of the same subset")
-    synthetic = read_image_folder(synthetic_dir, relabel=False, keep_distractors=False)
+    synthetic = read_synthetic_folder(synthetic_dir)
     scores = identity_scores(model_dir, real, synthetic, device=device, progress=progress)
     scores["kept"] = keep_mask(scores, min_score, rank1)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,11 +54,11 @@ def _pose_problem(name: str, poses: Mapping[str, np.ndarray], require_torso: boo
 
 
 def _index_records(records: Sequence[ImageRecord]) -> dict[str, ImageRecord]:
-    """name -> record; a non-training identity (pid <= 0) or a repeated name is an error."""
+    """name -> record; junk (pid < 0) or a repeated name is an error (pid 0 is an MSMT17 person)."""
     index: dict[str, ImageRecord] = {}
     for r in records:
-        if r.pid <= 0:
-            raise DatasetError(f"{r.path}: person id {r.pid} is not a training identity (pairs need train pids > 0)")
+        if r.pid < 0:
+            raise DatasetError(f"{r.path}: person id {r.pid} (junk) is not a training identity")
         if r.name in index:
             raise DatasetError(f"image name {r.name} appears twice ({index[r.name].path}, {r.path})")
         index[r.name] = r

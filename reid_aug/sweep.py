@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 from pcdms.devices import resolve_device
 
 from reid_aug.bot.train import BotConfig, train_bot
-from reid_aug.data.market import ReidDataset, read_image_folder, read_reid_dataset
+from reid_aug.data.market import ReidDataset, read_reid_dataset, read_synthetic_folder
 from reid_aug.data.subset import make_subset, read_subset_csv, write_subset_csv
 from reid_aug.evaluate import METRICS_NAME, evaluate_model
 from reid_aug.layout import STANDARD, cell_dir, filtered_dir, subset_path, synthetic_dir
@@ -180,7 +180,7 @@ def cell_synthetic_images(run_dir: str | Path, method: MethodConfig, fraction: f
         raise SynthesisError(f"{syn_dir} was made with other settings than method {method.name!r} "
                              f"({'; '.join(diffs)}); make it again (reid-aug synthesize --subset {fraction:g} "
                              f"--method {method.name} --overwrite)")
-    return read_image_folder(syn_dir, relabel=False, keep_distractors=False)
+    return read_synthetic_folder(syn_dir)
 
 
 def _filtered(run_dir, method: MethodConfig, fraction: float, seed: int, device, echo, label) -> list:
@@ -198,7 +198,7 @@ def _filtered(run_dir, method: MethodConfig, fraction: float, seed: int, device,
                          f.rank1, device=resolve_device(device))
     echo(f"{label}: identity filter kept {made['kept']:,} of {made['images']:,} synthetic images "
          f"({100 * made['kept_fraction']:.1f} %)")
-    return read_image_folder(out, relabel=False, keep_distractors=False)
+    return read_synthetic_folder(out)
 
 
 def _cell_bot_config(cfg: ExperimentConfig, method: MethodConfig | None, seed: int) -> BotConfig:

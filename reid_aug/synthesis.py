@@ -801,9 +801,10 @@ def write_canonical_poses(out: Path, centres: np.ndarray, image_size: tuple[int,
 
 
 def _check_identities(dataset: ReidDataset, records: Sequence[ImageRecord]) -> None:
-    """Sources must be training images of ``dataset``; no pid may be a query/gallery identity (DESIGN §6)."""
+    """Sources must be training images of ``dataset``; no pid may be a query/gallery identity (DESIGN §6)
+    where the layout numbers persons across splits (MSMT17 does not: its ids are per split)."""
     train = {r.name: r for r in dataset.train}
-    test_pids = {r.pid for r in dataset.query + dataset.gallery}
+    test_pids = {r.pid for r in dataset.query + dataset.gallery} if dataset.ids_shared_across_splits else set()
     for rec in records:
         real = train.get(rec.name)
         if real is None or (real.pid, real.camid) != (rec.pid, rec.camid):

@@ -99,7 +99,7 @@ def _log(out: Path, name: str = "log.csv") -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch):
+def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch, capsys):
     records = list(read_market(market).train)
     straight = train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False)
 
@@ -118,7 +118,10 @@ def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch):
     monkeypatch.setattr(bot_train, "augment_batch", real_augment)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert [r["epoch"] for r in _log(tmp_path / "b")] == ["1", "2"]
-    resumed = train_bot(TINY, records, tmp_path / "b", device="cpu", progress=False)
+    capsys.readouterr()
+    resumed = train_bot(TINY, records, tmp_path / "b", device="cpu", progress=True)
+    said = capsys.readouterr()
+    assert "resuming from epoch 3 of 4 (epochs 1-2 done" in said.out + said.err
 
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert a.keys() == b.keys()

@@ -165,3 +165,24 @@ def test_models_and_folders_that_do_not_belong(toy, tmp_path, tiny_model_and_mar
     res = CliRunner().invoke(main, ["train-bot", "--data", str(toy), "--out", str(syn), "--epochs", "1"])
     assert res.exit_code == 1 and "holds the output of 'synthesize'" in res.output
     assert (syn / "manifest.json").read_text() == before
+
+
+@pytest.mark.parametrize("leave", [True, False])
+def test_an_error_during_a_progress_bar_starts_on_its_own_line(leave):
+    import click
+    from tqdm import tqdm
+
+    from reid_aug.cli.app import _FlowOrderGroup
+
+    group = _FlowOrderGroup()
+
+    @group.command("work")
+    def work() -> None:
+        bar = tqdm(total=10, desc="working", leave=leave)  # not closed: the failure interrupts it
+        bar.update(3)
+        raise click.ClickException("image 4 is unreadable")
+
+    res = CliRunner().invoke(group, ["work"])
+    assert res.exit_code == 1
+    tail = res.output[res.output.rindex("Error: image 4 is unreadable") - 1:]
+    assert tail[0] in "\n\r", repr(res.output)  # not glued to the bar's "3/10 [...]"

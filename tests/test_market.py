@@ -70,8 +70,10 @@ def test_read_market_splits_labels_and_order(market: Path) -> None:
     assert (first.name, first.pid, first.camid) == ("0002_c4s1_000008_02.jpg", 2, 3)  # c4 -> camid 3
 
 
-def test_read_market_parent_with_official_folder(tmp_path: Path) -> None:
-    inner = write_market(tmp_path / "Market-1501-v15.09.15")
+@pytest.mark.parametrize("layout", ["Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15"])
+def test_read_market_parent_with_official_folder(tmp_path: Path, layout: str) -> None:
+    """The archive's folder under the given root (fast-reid's datasets/), or inside torchreid's market1501/."""
+    inner = write_market(tmp_path / layout)
     for ds in (read_market(tmp_path), read_reid_dataset(tmp_path)):
         assert ds.root == inner.absolute()
         assert len(ds.train) == len(TRAIN)

@@ -103,9 +103,10 @@ def test_per_source_limit_is_seeded_and_independent_of_record_order(toy) -> None
 
 def test_non_training_identity_is_an_error(toy) -> None:
     _, ds, poses = toy
-    distractor = ImageRecord(Path("/x/0000_c1s1_000001_00.jpg"), "0000_c1s1_000001_00.jpg", 0, 0, 0)
-    with pytest.raises(DatasetError, match="0000_c1s1_000001_00.jpg: person id 0 is not a training identity"):
-        build_training_pairs([*ds.train, distractor], poses)
+    # Junk only: pid 0 is a distractor that Market's reader keeps out of training, but an MSMT17 person.
+    junk = ImageRecord(Path("/x/-1_c1s1_000001_00.jpg"), "-1_c1s1_000001_00.jpg", -1, 0, -1)
+    with pytest.raises(DatasetError, match="-1_c1s1_000001_00.jpg: person id -1 \\(junk\\) is not a training identity"):
+        build_training_pairs([*ds.train, junk], poses)
 
 
 def test_read_training_pairs_accepts_the_toy_file(toy) -> None:

@@ -77,9 +77,11 @@ def label_map(train_records: Sequence[ImageRecord]) -> dict[int, int]:
     """Original pid -> class label ``0..N-1`` in sorted pid order (the classifier's classes)."""
     if not train_records:
         raise ValueError("no training images")
-    bad = next((r for r in train_records if r.pid <= 0), None)
+    # Junk (-1) only: pid 0 is a distractor in Market/Duke, which their reader already keeps out of
+    # bounding_box_train, but a real person in MSMT17.
+    bad = next((r for r in train_records if r.pid < 0), None)
     if bad is not None:
-        raise ValueError(f"{bad.path}: person id {bad.pid} (junk or distractor) cannot be a training identity")
+        raise ValueError(f"{bad.path}: person id {bad.pid} (junk) cannot be a training identity")
     return {pid: i for i, pid in enumerate(sorted({r.pid for r in train_records}))}
 
 
@@ -351,7 +353,8 @@ def train_bot(
             _set_rng_state(ckpt["rng"])
             start_epoch, iteration = ckpt["epoch"], ckpt["iteration"]
             if show:
-                tqdm.write(f"resuming from epoch {start_epoch} of {cfg.epochs} ({ckpt_path})")
+                tqdm.write(f"resuming from epoch {start_epoch + 1} of {cfg.epochs} (epochs 1-{start_epoch} done: "
+                           f"{ckpt_path})")
         log_rows = _read_log(log_path, start_epoch) if start_epoch else []
         iter_log_path = out_dir / ITER_LOG_NAME
         iter_rows = _read_log(iter_log_path, start_epoch) if start_epoch else []

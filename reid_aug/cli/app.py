@@ -15,11 +15,25 @@ class _FlowOrderGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
+            _end_progress_bars()
             click.echo("\ninterrupted: what was finished is kept; run the same command again to resume", err=True)
             raise click.Abort() from None
         except OSError as exc:  # a read-only folder, a full disk ...: one line naming the path, no traceback
+            _end_progress_bars()
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except click.ClickException:
+            _end_progress_bars()
+            raise
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars a failure left open, so that the error starts on a line of its own
+    instead of after the bar's last state."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 @click.group(

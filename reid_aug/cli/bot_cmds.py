@@ -12,7 +12,7 @@ from pcdms.io import launcher_rank
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.cli.app import main
 from reid_aug.cli.config import config_to_dict, load_config, normalize_record, read_yaml
-from reid_aug.data.market import DatasetError, read_image_folder, read_reid_dataset
+from reid_aug.data.market import DatasetError, read_reid_dataset, read_synthetic_folder
 from reid_aug.data.subset import read_subset_csv
 
 
@@ -118,7 +118,7 @@ def train_bot_cmd(
     try:
         dataset = read_reid_dataset(data_root)
         records = read_subset_csv(subset_file, dataset) if subset_file is not None else list(dataset.train)
-        synthetic = [r for d in synthetic_dirs for r in read_image_folder(d, relabel=False, keep_distractors=False)]
+        synthetic = [r for d in synthetic_dirs for r in read_synthetic_folder(d)]
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from None
     sources = {"data": dataset.root}

@@ -10,6 +10,7 @@ from reid_aug.data.market import (
     read_market,
     read_msmt17,
     read_reid_dataset,
+    read_synthetic_folder,
     records_summary,
 )
 from reid_aug.data.subset import (
@@ -33,6 +34,7 @@ __all__ = [
     "read_market",
     "read_msmt17",
     "read_reid_dataset",
+    "read_synthetic_folder",
     "read_subset_csv",
     "read_subset_meta",
     "records_summary",

@@ -27,11 +27,14 @@ from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-#: Folder names that :func:`read_reid_dataset` also looks for under the given root.
+#: Folder names that :func:`read_reid_dataset` also looks for under the given root: the archives'
+#: own names, and where torchreid (``market1501/Market-1501-v15.09.15``, ``dukemtmc-reid/...``,
+#: ``msmt17/...``) and fast-reid (the archive names under ``datasets/``) keep them.
 KNOWN_SUBFOLDERS = (
     "Market-1501-v15.09.15",
     "Market-1501",
     "market1501",
+    "market1501/Market-1501-v15.09.15",
     "DukeMTMC-reID",
     "dukemtmc-reid/DukeMTMC-reID",
     "MSMT17_V1",
@@ -74,6 +77,15 @@ class ReidDataset:
     num_train_pids: int
     num_cams: int  # max camid + 1 over all splits
     layout: str  # "market1501" | "dukemtmc" | "msmt17"
+
+    @property
+    def ids_shared_across_splits(self) -> bool:
+        """Identity rules of the layout. Market-1501 and DukeMTMC-reID number every person once
+        across the splits (-1 junk, 0 distractor, train and test ids disjoint by value), so a
+        training pid that is also a query/gallery pid is a test person. MSMT17's list files
+        number train and test persons separately from 0 (train pid 5 is not test pid 5, and
+        pid 0 is a real person): the ids say nothing across splits."""
+        return self.layout != "msmt17"
 
 
 def parse_market_name(name: str) -> tuple[int, int]:
@@ -136,6 +148,16 @@ def read_image_folder(folder: str | Path, relabel: bool, keep_distractors: bool)
     if not records:
         raise DatasetError(f"no usable images in {folder} (need Market-named .jpg/.png files, junk -1 excluded)")
     return _relabel(records) if relabel else records
+
+
+def read_synthetic_folder(folder: str | Path) -> list[ImageRecord]:
+    """The images of a synthesis (or identity-filter) folder, labels = pids, sorted by name.
+
+    Pid 0 is kept: it is a real training person of MSMT17 (whose synthetic images are named
+    ``0000_c...``). Whether each pid is one of the real training identities is checked where
+    they meet (BoT training, ``check_synthetic_folder``), never assumed here.
+    """
+    return read_image_folder(folder, relabel=False, keep_distractors=True)
 
 
 def _num_cams(*splits: Sequence[ImageRecord]) -> int:
@@ -228,7 +250,7 @@ def read_msmt17(root: str | Path) -> ReidDataset:
     given = Path(root).absolute()
     base = _find_root(given, ("list_train.txt",))
     if base is None:
-        raise DatasetError(f"{given}: no list_train.txt here or in {', '.join(KNOWN_SUBFOLDERS[5:])}")
+        raise DatasetError(f"{given}: no list_train.txt here or in {', '.join(k for k in KNOWN_SUBFOLDERS if 'msmt' in k.lower())}")
     train = _relabel(_read_msmt_list(base, "train"))
     query = _read_msmt_list(base, "query")
     gallery = _read_msmt_list(base, "gallery")
