@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -59,6 +60,7 @@ from reid_aug.data.toy import camera_for, identity_for, read_toy_manifest
 from reid_aug.generators import resolve_pipeline
 from reid_aug.data.toy_render import PoseParams, project_pose, render_person, sample_pose_params
 from reid_aug.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from reid_aug.timings import TimingKey, estimate_seconds_per_image, record_timing
 from reid_aug.posebank import (
     POSE_IDENTITIES, POSE_POOLS, STRATEGIES, STREAM_NOISE, STREAM_TOY_IMAGE, STREAM_TOY_POSE, build_pose_bank,
     canonical_poses, draw_canonical, draw_targets, is_usable_pose, item_rng, item_seed, num_candidates, pool_records,
@@ -567,8 +569,9 @@ def _load_source(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: SynthesisConfig, bar,
-                    preview: bool = True) -> None:
-    """Make the ``todo`` images, ``cfg.batch_size`` per pipeline call.
+                    preview: bool = True) -> list[float]:
+    """Make the ``todo`` images, ``cfg.batch_size`` per pipeline call; return each call's seconds
+    (generation and writing).
 
     Every call has exactly ``batch_size`` samples (a short last batch is padded with copies of
     its last item, whose outputs are dropped): each sample's noise comes from its own generator
@@ -578,7 +581,9 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
     convolution kernels), which is why ``batch_size`` is part of a job's identity.
     """
     size = tuple(pipe.preset.image_size)
+    seconds = []
     for start in range(0, len(todo), cfg.batch_size):
+        t0 = time.perf_counter()
         real = list(todo[start:start + cfg.batch_size])
         batch = real + [real[-1]] * (cfg.batch_size - len(real))
         images = torch.stack([_load_source(it.source.path, size) for it in batch])
@@ -597,6 +602,26 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
             bar.update(1)
         if preview:
             write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def timing_key(cfg: SynthesisConfig, pipeline_sha256: str) -> TimingKey:
+    """What decides a PCDMs job's speed (:mod:`reid_aug.timings`)."""
+    return TimingKey(pipeline_sha256, resolve_device(cfg).type, cfg.dtype, cfg.scheduler, cfg.num_inference_steps,
+                     cfg.stages, cfg.batch_size, cfg.guidance_scale != 1.0)
+
+
+def _record_speed(cfg: SynthesisConfig, pipeline_sha256: str, batch_seconds: Sequence[float]) -> None:
+    """Store the steady-state seconds per image of a run (the first, warm-up batch left out when
+    there are others) for later dry runs."""
+    if not batch_seconds:
+        return
+    steady = list(batch_seconds[1:]) or list(batch_seconds)
+    device = resolve_device(cfg)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    record_timing(timing_key(cfg, pipeline_sha256), sum(steady) / (len(steady) * cfg.batch_size),
+                  len(steady) * cfg.batch_size, name)
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -897,8 +922,15 @@ def synthesize(
         existing = set() if overwrite or not out.is_dir() else _image_names(out) & {it.name for it in items}
         left = [it for it in items if it.name not in existing]
         reusable = _reusable(left, out, reuse_from, config, {}) if reuse_from else {}
+        to_make = len(left) - len(reusable)
+        estimate = None
+        if cfg.generator == "pcdms" and to_make:
+            found = estimate_seconds_per_image(timing_key(cfg, sha256_folder(cfg.pipeline)))
+            if found is not None:
+                shards = max(world, 1)
+                estimate = {"seconds": found[0] * to_make / shards, "seconds_per_image": found[0], "source": found[1]}
         return {"out": str(out), "images": len(items), "sources": len(records), "existing": len(existing),
-                "reusable": len(reusable), "to_make": len(left) - len(reusable),
+                "reusable": len(reusable), "to_make": to_make, "estimate": estimate,
                 "batches": math.ceil((len(left) - len(reusable)) / cfg.batch_size) if cfg.generator == "pcdms" else 0,
                 **_settings(cfg, {}), **{k: v for k, v in stats.items()}, "config": config}
     if stored is not None:
@@ -994,7 +1026,9 @@ def synthesize(
             if cfg.generator == "toy-oracle":
                 _toy_generate(share, out, toy_seed, image_size, bar, preview=rank == 0)
             else:
-                _pcdms_generate(share, out, pipe, cfg, bar, preview=rank == 0)
+                batch_seconds = _pcdms_generate(share, out, pipe, cfg, bar, preview=rank == 0)
+                if rank == 0:
+                    _record_speed(cfg, checkpoints["pipeline"], batch_seconds)
     _barrier(world)  # every process's images are written
     if rank != 0:  # process 0 writes the tables and the manifest; the others wait for them
         _barrier(world)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests write the toolkit's cache (built-in toy Market, synthesis timings) into their own folder,
+    never into the user's ~/.cache/reid-aug."""
+    old = os.environ.get("REID_AUG_CACHE")
+    os.environ["REID_AUG_CACHE"] = str(tmp_path_factory.mktemp("reid-aug-cache"))
+    yield
+    if old is None:
+        os.environ.pop("REID_AUG_CACHE", None)
+    else:
+        os.environ["REID_AUG_CACHE"] = old
 
 
 @pytest.fixture

@@ -458,6 +458,32 @@ def test_pcdms_job_writes_manifest_csv_preview_and_coarse_images(tmp_path, datas
     assert len(read_image_folder(out, relabel=False, keep_distractors=False)) == 3
 
 
+def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, market, tiny_pipeline, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("REID_AUG_CACHE", str(tmp_path / "cache"))
+    args = ["synthesize", "--data", str(market), "--subset", "0.3", "--pipeline", str(tiny_pipeline),
+            "--allow-random-weights", "--steps", "2", "--batch-size", "2", "--device", "cpu"]
+
+    def plan(*extra: str) -> str:
+        res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", *extra])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    assert "time: unknown: this pipeline has not been timed" in plan()
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "ran")])
+    assert res.exit_code == 0, res.output
+    timings = json.loads((tmp_path / "cache" / "synthesis-timings.json").read_text())
+    (entry,) = timings.values()
+    assert entry["num_inference_steps"] == 2 and entry["batch_size"] == 2 and entry["seconds_per_image"] > 0
+    made = json.loads((tmp_path / "ran" / "manifest.json").read_text())["counts"]["images"]
+    line = next(x for x in plan().splitlines() if "time:" in x)
+    assert "measured" in line and f"{entry['seconds_per_image']:.3g} s/image" in line
+    # Twice the steps: the same pipeline's timing, scaled.
+    assert f"{2 * entry['seconds_per_image']:.3g} s/image (scaled from 2 steps" in plan("--steps", "4")
+    assert "time: unknown" in plan("--dtype", "bfloat16")
+    assert made > 2
+
+
 # --------------------------------------------------------------------------- target-pose strategies
 
 

@@ -161,7 +161,25 @@ def _print_plan(plan: dict) -> None:
         if bank:
             click.echo("  pose bank: " + ", ".join(f"{v:,} {k}" for k, v in bank.items())
                        + f"; {plan.get('skipped_no_target_pose', 0):,} sources without a target pose")
-    click.echo("  time: not estimated (run a small --subset first; progress shows images/s)")
+    est = plan.get("estimate")
+    if not plan["to_make"]:
+        click.echo("  time: nothing to make")
+    elif est is not None:
+        click.echo(f"  time: about {_duration(est['seconds'])} at {est['seconds_per_image']:.3g} s/image "
+                   f"({est['source']})")
+    elif plan["generator"] == "pcdms":
+        click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages and batch "
+                   "size yet (every run records its speed; a small --subset run gives the estimate)")
+    else:
+        click.echo("  time: seconds (toy-oracle renders, it does not sample)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _summary(out: Path) -> None:
