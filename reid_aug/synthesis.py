@@ -599,7 +599,9 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
             if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
                 save_image(Image.fromarray(cx), out / COARSE_DIR / it.name)
             save_image(Image.fromarray(px), out / it.name)
-            bar.update(1)
+        # One update per batch: per-image updates would time the first image by the whole first batch
+        # (warm-up included) and show an hours-long ETA.
+        bar.update(len(real))
         if preview:
             write_preview(out, list(zip(real, coarse, pixels))[:PREVIEW_ROWS], size)
         seconds.append(time.perf_counter() - t0)
