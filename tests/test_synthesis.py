@@ -410,7 +410,7 @@ def test_nested_fractions_reuse_images_instead_of_generating_them(tmp_path, data
     made: list[str] = []
     real = synthesis._pcdms_generate
     monkeypatch.setattr(synthesis, "_pcdms_generate",
-                        lambda todo, *args, **kw: (made.extend(it.name for it in todo), real(todo, *args, **kw)))
+                        lambda todo, *args, **kw: (made.extend(it.name for it in todo), real(todo, *args, **kw))[1])
     b = synthesize(cfg, dataset, large, tmp_path / "b", progress=False, reuse_from=[a, tmp_path / "missing"])
     assert sorted(made) == sorted(set(_hashes(b)) - set(_hashes(a)))  # only the new sources were generated
     assert all(_hashes(b)[name] == digest for name, digest in _hashes(a).items())  # the very same files
