@@ -86,7 +86,7 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
     """
     from pcdms.devices import resolve_device
     from pcdms.io import FolderBusyError
-    from reid_aug.quality.job import QualityError, QualitySettings, generate_pairs, read_test_pairs, run_quality
+    from reid_aug.quality.job import QualityError, QualitySettings, quality_job, read_test_pairs
     from reid_aug.synthesis import SynthesisConfig, SynthesisError
 
     if data_root is None or out is None:
@@ -102,7 +102,7 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
                                    batch_size, device)
         predictions = _predictions(generated, baselines)
         pairs = read_test_pairs(data_root, pairs_csv, poses_csv, max_pairs)
-        extra = {}
+        cfg, stage_list = None, ["full"]
         if pipeline is not None:
             stage_list = [s.strip() for s in stages.split(",") if s.strip()]
             cfg = SynthesisConfig(pipeline=pipeline, clip_checkpoint=clip_checkpoint, dino_path=dino_path,
@@ -115,14 +115,12 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
             if unknown or not stage_list:
                 raise click.BadParameter(f"{unknown or stages!r}: choose from {', '.join(STAGES)}",
                                          param_hint="--stages")
-            folders = generate_pairs(cfg, pairs, Path(out) / "generated", stage_list, overwrite=overwrite,
-                                     log=click.echo)
-            predictions = {**{st: str(f) for st, f in folders.items()}, **predictions}
-            extra["pipeline"] = cfg.pipeline
         elif stages != "full":
             raise click.UsageError("--stages applies to --generate")
-        record = run_quality(data_root, out, predictions, settings, pairs=pairs, mapping_csv=mapping_csv,
-                             log=click.echo, sources_extra=extra)
+        elif not predictions:
+            raise click.UsageError("nothing to score: give --generated DIR, --generate PIPELINE and/or --baseline")
+        record = quality_job(data_root, out, predictions, settings, pairs, cfg, stage_list, overwrite=overwrite,
+                             mapping_csv=mapping_csv, log=click.echo)
     except (QualityError, DatasetError, SynthesisError, FolderBusyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     from reid_aug.quality.table import markdown_table

@@ -282,7 +282,6 @@ def _reference_images(records: Sequence[ImageRecord], size: tuple[int, int], pro
                                                                      unit="img", disable=not progress)])
 
 
-@locked_output("out_dir")
 def run_quality(
     data_root: str | Path,
     out_dir: str | Path,
@@ -449,3 +448,21 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
             pd.DataFrame({"from": [it.source.name for it in items], "to": [it.target for it in items],
                           "file": [it.name for it in items]}).to_csv(tmp, index=False)
     return {st: out for st, (_, out, _) in jobs.items()}
+
+
+@locked_output("out_dir")
+def quality_job(data_root: str | Path, out_dir: str | Path, predictions: Mapping[str, str | Path],
+                settings: QualitySettings, pairs: TestPairs, generate_cfg=None, stages: Sequence[str] = ("full",),
+                overwrite: bool = False, mapping_csv: str | Path | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``reid-aug quality`` as one job holding the lock on ``out_dir``: with ``generate_cfg`` (a
+    :class:`reid_aug.synthesis.SynthesisConfig`) first :func:`generate_pairs` into
+    ``OUT/generated/<stages>/`` (scored first, in ``stages`` order), then :func:`run_quality`."""
+    extra: dict[str, Any] = {}
+    if generate_cfg is not None:
+        folders = generate_pairs(generate_cfg, pairs, Path(out_dir) / "generated", stages, overwrite=overwrite,
+                                 progress=progress, log=log)
+        predictions = {**{st: str(f) for st, f in folders.items()}, **predictions}
+        extra["pipeline"] = generate_cfg.pipeline
+    return run_quality(data_root, out_dir, predictions, settings, pairs=pairs, mapping_csv=mapping_csv,
+                       progress=progress, log=log, sources_extra=extra)
