@@ -287,3 +287,27 @@ def test_report_shows_table1_and_the_stage_ablation_beside_the_published_rows(tm
     ablation = text[text.index("Stage ablation"):text.index("Published image quality")]
     assert all(f"| {st} (" in ablation for st in ("B1", "B2", "B3", "full")) and "LPIPS *" in ablation
     assert "| PCDMs | 0.3169 | 0.2238 | 13.897 |" in text[text.index("Published image quality"):]
+
+
+def test_quality_refuses_another_steps_folder_and_missing_weights_before_generating(tmp_path, market, tiny_pipeline):
+    before = (market / "manifest.json").read_bytes()
+    res = CliRunner().invoke(main, ["quality", "--data", str(market), "--baseline", "copy-source", "--fid", "none",
+                                    "--allow-random-weights", "--out", str(market)])
+    assert res.exit_code == 1 and "holds the output of 'make-toy-market'" in res.output
+    assert (market / "manifest.json").read_bytes() == before
+    res = CliRunner().invoke(main, ["quality", "--data", str(market), "--generate", str(tiny_pipeline), "--steps", "1",
+                                    "--fid", "none", "--out", str(tmp_path / "q")])  # no LPIPS weights
+    assert res.exit_code == 1 and "alexnet-owt-7be5be79.pth" in res.output and "generating" not in res.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_pair_gets_the_same_sample_whichever_pairs_are_scored(tmp_path, market, pairs):
+    from reid_aug.quality.job import _pair_items
+
+    every = {(it.source.name, it.target): it.seed for it in _pair_items(pairs, 0)}
+    names = [s.name for s in pairs.sources]
+    src = next(n for n in names if names.count(n) > 1)
+    second = [t.name for s, t in zip(pairs.sources, pairs.targets) if s.name == src][1]
+    (tmp_path / "one.csv").write_text(f"from,to\n{src},{second}\n")  # its 2nd pair alone: k 0 here, 1 there
+    (item,) = _pair_items(read_test_pairs(market, tmp_path / "one.csv"), 0)
+    assert item.seed == every[(src, second)]

@@ -39,15 +39,15 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
 @click.option("--mapping", "mapping_csv", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="from,to,file csv naming each pair's predicted image.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["copy-source", "toy-oracle"]),
-              help="copy-source: the source image as the prediction (the floor); toy-oracle: the toy renderer's "
-                   "exact person (toy Market only; the ceiling).")
+              help="Repeatable. copy-source: the source image as the prediction (the floor); toy-oracle: the toy "
+                   "renderer's exact person (toy Market only; the ceiling).")
 @click.option("--generate", "pipeline", default=None, metavar="PIPELINE",
               help="Run this PCDMs pipeline folder (or builtin:toy) on the pairs first, into OUT/generated/<stages>/.")
 @click.option("--stages", default="full", show_default=True,
               help="With --generate: comma-separated stage settings, e.g. B1,B2,B3,full (the Table-3 ablation).")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps per stage.")
 @click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--scheduler", default="ddim", show_default=True)
+@click.option("--scheduler", default="ddim", show_default=True, help="ddim | dpmsolver++ | unipc | euler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generation noise.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per pipeline/metric call.")
 @click.option("--clip-checkpoint", type=click.Path(path_type=Path), default=None, help="OpenCLIP ViT-H/14 checkpoint.")
@@ -60,7 +60,8 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
 @click.option("--fid-tf-weights", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (standard TF-Inception FID).")
 @click.option("--fid", "fid_variants", default="community,standard", show_default=True,
-              help="FID variants to compute (comma-separated), or 'none'.")
+              help="FID variants to compute (comma-separated), or 'none'; community needs --fid-weights, standard "
+                   "--fid-tf-weights (or --allow-random-weights).")
 @click.option("--max-pairs", type=int, default=None, help="Score N pairs evenly spaced over the file (default: all).")
 @click.option("--allow-random-weights", is_flag=True,
               help="Random networks for metrics (and encoders) without weights: smoke runs and tests ONLY.")
@@ -81,8 +82,9 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
     OUT/quality.md     the table (also printed); `reid-aug report` shows it for a workspace
     OUT/generated/     with --generate: the images, one folder per --stages setting (resumable)
     \b
-    Example, the stage ablation (Table 3) with the floor:
-      reid-aug quality --generate builtin:toy --stages B1,B2,B3,full --baseline copy-source
+    Example, the stage ablation (Table 3) with the floor, as a smoke run (random metric networks):
+      reid-aug quality --generate builtin:toy --stages B1,B2,B3,full --steps 20 --baseline copy-source \\
+        --allow-random-weights
     """
     from pcdms.devices import resolve_device
     from pcdms.io import FolderBusyError
