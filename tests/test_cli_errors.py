@@ -186,3 +186,17 @@ def test_an_error_during_a_progress_bar_starts_on_its_own_line(leave):
     assert res.exit_code == 1
     tail = res.output[res.output.rindex("Error: image 4 is unreadable") - 1:]
     assert tail[0] in "\n\r", repr(res.output)  # not glued to the bar's "3/10 [...]"
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130():
+    from reid_aug.cli.app import _FlowOrderGroup
+
+    group = _FlowOrderGroup()
+
+    @group.command("work")
+    def work() -> None:
+        raise KeyboardInterrupt
+
+    res = CliRunner().invoke(group, ["work"])
+    assert res.exit_code == 130 and "run the same command again to resume" in res.output
+    assert "Aborted!" not in res.output

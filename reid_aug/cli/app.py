@@ -17,7 +17,7 @@ class _FlowOrderGroup(click.Group):
         except KeyboardInterrupt:
             _end_progress_bars()
             click.echo("\ninterrupted: what was finished is kept; run the same command again to resume", err=True)
-            raise click.Abort() from None
+            ctx.exit(130)  # the shell's code for Ctrl-C, without click's extra "Aborted!" line
         except OSError as exc:  # a read-only folder, a full disk ...: one line naming the path, no traceback
             _end_progress_bars()
             where = f"{exc.filename}: " if exc.filename else ""
