@@ -353,8 +353,8 @@ def train_bot(
             _set_rng_state(ckpt["rng"])
             start_epoch, iteration = ckpt["epoch"], ckpt["iteration"]
             if show:
-                tqdm.write(f"resuming from epoch {start_epoch + 1} of {cfg.epochs} (epochs 1-{start_epoch} done: "
-                           f"{ckpt_path})")
+                done = "epoch 1 done" if start_epoch == 1 else f"epochs 1-{start_epoch} done"
+                tqdm.write(f"resuming from epoch {start_epoch + 1} of {cfg.epochs} ({done}: {ckpt_path})")
         log_rows = _read_log(log_path, start_epoch) if start_epoch else []
         iter_log_path = out_dir / ITER_LOG_NAME
         iter_rows = _read_log(iter_log_path, start_epoch) if start_epoch else []

@@ -130,7 +130,7 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     cfg = load_config(SynthesisConfig, config_path, overrides)
     if cfg.generator == "toy-oracle" and poses_csv is not None:
         raise click.UsageError("--poses: the toy-oracle renders its own poses and reads no pose file")
-    if cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
+    if not dry_run and cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         dataset = read_reid_dataset(data_root)
@@ -237,7 +237,7 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
             f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml, or run a one-off job "
             "(--data ROOT --out DIR)")
     method = dataclasses.replace(method, synthesis=syn)
-    if syn.generator == "pcdms" and syn.allow_random_weights and None in encoder_paths(syn).values():
+    if not dry_run and syn.generator == "pcdms" and syn.allow_random_weights and None in encoder_paths(syn).values():
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
     try:
         if dry_run:
