@@ -437,10 +437,13 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[
     quality = _quality_markdown(run_dir)
     if not (run_dir / "runs").is_dir():
         paths = {"markdown": out / "report.md"}
-        if quality and not any(p for p in run_dir.rglob(METRICS_NAME) if "report" not in p.relative_to(run_dir).parts):
+        try:
+            flat = collect_folder(run_dir)
+        except ReportError:
+            if not quality:
+                raise
             write_text_atomic(paths["markdown"], f"# Image quality\n{quality}")
             return paths
-        flat = collect_folder(run_dir)
         paths["results_csv"] = out / "results.csv"
         write_text_atomic(paths["markdown"], _flat_markdown(run_dir, flat) + quality)
         write_text_atomic(paths["results_csv"], flat.to_csv(index=False))

@@ -40,6 +40,8 @@ def load_lpips(alexnet_weights: str | Path | None, allow_random_weights: bool = 
         # lpips asks torchvision with the old `pretrained=False` argument; the warning is about lpips's code
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         torch.manual_seed(seed)  # the random backbone (and nothing else) is drawn here
+        # Nothing downloads: pretrained=True reads the linear layers shipped inside the lpips package,
+        # pnet_rand=True builds the AlexNet backbone without torchvision's weights (loaded from a file below).
         model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
     if alexnet_weights is not None:
         state = read_torch_file(alexnet_weights, ALEXNET_EXPECTED)
