@@ -876,7 +876,8 @@ def synthesize(
     ``<dataset root>/market-annotation-train.csv``; toy-oracle reads none). ``subset_file`` and
     ``sources_extra`` are recorded in the manifest. An ``out_dir`` of an earlier run with another
     config or plan is an error unless ``overwrite`` (then its images and tables are replaced);
-    ``batch_size`` and ``device`` may change between runs. ``log`` receives status lines.
+    ``device`` may change between runs, ``batch_size`` only for the toy oracle (it draws one image
+    at a time; a PCDMs image's rounding depends on its batch size). ``log`` receives status lines.
     """
     rank, world = _process_group()
     say = log if log is not None and rank == 0 else (lambda _msg: None)

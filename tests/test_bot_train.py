@@ -138,7 +138,9 @@ def test_resume_after_a_kill_is_bit_exact(market, tmp_path, monkeypatch, capsys)
 
     # A finished run is not redone; a different config on the same folder is refused.
     monkeypatch.setattr(bot_train, "build_bot", lambda *a, **k: pytest.fail("retrained a finished run"))
-    assert train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False) == straight
+    said = []
+    assert train_bot(TINY, records, tmp_path / "a", device="cpu", progress=False, log=said.append) == straight
+    assert len(said) == 1 and "already trained (4 epochs" in said[0]
     monkeypatch.undo()
     with pytest.raises(ValueError, match="another config"):
         train_bot(dataclasses.replace(TINY, lr=1e-3), records, tmp_path / "a", device="cpu", progress=False)

@@ -41,7 +41,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -263,6 +263,7 @@ def train_bot(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     tensorboard: bool | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train BoT on ``train_records`` (+ ``synthetic_records``); return the final model folder.
 
@@ -277,6 +278,7 @@ def train_bot(
     and per-epoch values as TensorBoard events to ``out_dir/tensorboard`` (None: when the
     ``tensorboard`` package is installed, the ``reid-aug[tensorboard]`` extra; True: raise
     ImportError without it). A resumed run purges the events of the interrupted epoch.
+    ``log`` receives status lines (e.g. that the run was already complete).
     """
     out_dir = Path(out_dir)
     real, synthetic = list(train_records), list(synthetic_records)
@@ -285,6 +287,9 @@ def train_bot(
     fingerprint = _fingerprint(cfg, real, synthetic)
     model_dir = out_dir / MODEL_DIRNAME
     if resume and _finished(out_dir, fingerprint, cfg.epochs):
+        if log is not None and launcher_rank() == 0:
+            log(f"{out_dir}: already trained ({cfg.epochs} epochs, same config and images); nothing to do "
+                "(--no-resume trains again)")
         return model_dir
     other = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
     if other is not None and other.get("step") != STEP:

@@ -150,7 +150,7 @@ def train_bot_cmd(
     try:
         model_dir = train_bot(
             cfg, records, out_dir, synthetic_records=synthetic, resume=resume, device=device,
-            sources=sources, cache_dir=cache_dir, tensorboard=tensorboard,
+            sources=sources, cache_dir=cache_dir, tensorboard=tensorboard, log=echo,
         )
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise click.ClickException(str(exc)) from None
