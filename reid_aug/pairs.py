@@ -14,6 +14,8 @@ checks every pair against the allowed images and their poses.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -111,6 +113,26 @@ def build_training_pairs(
             pairs += [TrainingPair.make(src.path, poses[src.name], t.path, poses[t.name]) for t in targets]
     counts["pids"], counts["pairs"] = len(by_pid), len(pairs)
     return pairs, counts
+
+
+def weight_cross_camera_background(pairs: Sequence[TrainingPair], records: Sequence[ImageRecord],
+                                   weight: float) -> list[TrainingPair]:
+    """``pairs`` with ``background_weight = weight`` where source and target have different camids
+    (``records`` give each image's camid; a pair image not among them raises ``ValueError``).
+
+    Beyond the paper: the background of another camera cannot be predicted from the source, so
+    a generator trained to draw it learns to guess one of the training cameras (on the toy data it
+    painted the training cameras' walls into every image); with weight 0 the person is still
+    learned from every pair and the background only from same-camera pairs, where it is the
+    source's (README, "Training PCDMs")."""
+    camid = {r.path: r.camid for r in records}
+    out = []
+    for p in pairs:
+        missing = [str(x) for x in (p.source, p.target) if x not in camid]
+        if missing:
+            raise ValueError(f"{missing[0]}: not among the training records (no camid)")
+        out.append(p if camid[p.source] == camid[p.target] else dataclasses.replace(p, background_weight=weight))
+    return out
 
 
 def read_training_pairs(

@@ -31,7 +31,7 @@ from pcdms.presets import get_preset
 from pcdms.encoders import load_image
 from pcdms.training.cache import CacheMismatchError, EncoderCache
 from pcdms.training.loop import LOG_NAME, ResumeError, TrainConfig, checkpoint_dirs, train
-from pcdms.training.pairs import TrainingPair, pair_images
+from pcdms.training.pairs import TrainingPair, pair_images, person_box_weights
 from pcdms.checkpoint import save_model
 from pcdms.training.run import _init_model, init_prior_from_kandinsky
 from pcdms.training.tasks import (InpaintTask, LossConfig, PriorTask, RefineTask, VaeForward, VaeTask,
@@ -622,6 +622,85 @@ def _invoke(*args: str):
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise res.exception
     return res
+
+
+def test_person_box_weights_cover_the_joints_and_weight_the_rest():
+    kp = np.full((2, 18, 2), -1)
+    kp[0, :4] = [(20, 30), (40, 30), (28, 90), (33, 110)]  # x 20..40, y 30..110 in a 128x64 image
+    w = person_box_weights(kp, [0.0, 0.0], (128, 64), 8)
+    assert w.shape == (2, 1, 16, 8)
+    # The box widened by 8 px (12..48 x 22..118) touches cells x 1..6, y 2..14; the rest weighs 0.
+    expected = torch.zeros(16, 8)
+    expected[2:15, 1:7] = 1.0
+    assert torch.equal(w[0, 0], expected)
+    assert torch.equal(w[1], torch.ones(1, 16, 8))  # no visible joint: plain loss
+    assert torch.equal(person_box_weights(kp, [1.0, 1.0], (128, 64), 8), torch.ones(2, 1, 16, 8))
+    with pytest.raises(ValueError, match=r"background_weight must be in \[0, 1\]"):
+        TrainingPair.make("a.jpg", kp[0], "b.jpg", kp[0], background_weight=2.0)
+
+
+@pytest.mark.parametrize("stage", ["inpaint", "refine"])
+def test_background_weight_removes_the_targets_background_from_the_loss(pairs4, cache, stage):
+    plain = _task(stage, pairs4, cache)
+    assert not plain.weighted and "weight" not in plain.batch(torch.arange(4))
+    zero = _task(stage, [dataclasses.replace(p, background_weight=0.0) for p in pairs4], cache)
+    draws = plain.draws(torch.Generator().manual_seed(0), 4)
+    draws["masks"] = torch.zeros_like(draws["masks"])
+    model = _model(stage)
+    batch = zero.batch(torch.arange(4))
+    weight = batch["weight"]
+    target = weight[..., -TINY.latent_size[1]:]  # the target (half): 1 on the person box only
+    assert 0 < target.mean() < 1
+    if stage == "inpaint":  # the known source half keeps its plain loss
+        assert weight.shape[-1] == 2 * TINY.latent_size[1] and (weight[..., :TINY.latent_size[1]] == 1).all()
+    else:
+        assert weight.shape[-1] == TINY.latent_size[1]
+    class FixedPrediction(torch.nn.Module):  # the real condition dropping, one fixed prediction
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def drop_conditions(self, *a, **k):
+            return model.drop_conditions(*a, **k)
+
+        def forward(self, noisy, *_):
+            return torch.linspace(-1, 1, noisy.numel()).reshape(noisy.shape)
+
+    fixed = FixedPrediction()
+    # Another regression target (TINY predicts epsilon) on the target's background, the person box kept.
+    moved = {**draws, "noise": draws["noise"].clone()}
+    moved["noise"][..., -TINY.latent_size[1]:] += 5.0 * (target == 0)
+    with torch.no_grad():
+        # The weighted loss does not see the target's background; the plain loss does.
+        assert torch.allclose(zero.loss(fixed, batch, moved), zero.loss(fixed, batch, draws), rtol=1e-5)
+        plain_batch = plain.batch(torch.arange(4))
+        assert not torch.allclose(plain.loss(fixed, plain_batch, moved), plain.loss(fixed, plain_batch, draws),
+                                  rtol=1e-3)
+        # With every weight 1 the weighted loss is the plain one.
+        ones = {**batch, "weight": torch.ones_like(weight)}
+        assert torch.allclose(zero.loss(model, ones, draws), plain.loss(model, plain_batch, draws), rtol=1e-6)
+
+
+def test_cli_cross_camera_background_weights_only_cross_camera_pairs(tmp_path, market):
+    gen = tmp_path / "gen"
+    common = ["--data", market, "--out", gen, "--preset", "tiny", "--steps", "1", "--batch-size", "4",
+              "--device", "cpu", "--per-source", "2"]
+    assert _invoke("train-pcdms", "--stage", "vae", *common).exit_code == 0
+    res = _invoke("train-pcdms", "--stage", "inpaint", *common, "--stand-in-encoders", "0",
+                  "--cross-camera-background", "0")
+    assert res.exit_code == 0, res.output
+    with open(gen / "train" / "inpaint" / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    camid = lambda path: Path(path).name.split("_")[1][:2]  # noqa: E731  ("c3s1" -> "c3")
+    assert {float(r["background_weight"]) for r in rows} == {0.0, 1.0}
+    assert all((float(r["background_weight"]) == 1.0) == (camid(r["source"]) == camid(r["target"])) for r in rows)
+    assert f"cross_camera_pairs {sum(float(r['background_weight']) == 0 for r in rows)}" in res.output
+    # The weights are part of the run's identity: a plain-loss resume is refused.
+    res = _invoke("train-pcdms", "--stage", "inpaint", *common[:-4], "--steps", "2", "--device", "cpu",
+                  "--per-source", "2", "--resume")
+    assert res.exit_code == 1 and "data" in res.output
+    res = _invoke("train-pcdms", "--stage", "prior", *common, "--cross-camera-background", "0.5")
+    assert res.exit_code == 2 and "inpaint and refine only" in res.output
 
 
 def test_cli_trains_every_stage_into_a_loadable_generator(tmp_path, market, poses):

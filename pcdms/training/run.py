@@ -33,10 +33,13 @@ STAND_IN_NOTE = ("stand-in encoder: random frozen weights (seeded), not the pret
 
 
 def pairs_sha256(pairs: Sequence[TrainingPair], extra: Sequence[str] = ()) -> str:
-    """Identity of a training set: hash of the ordered (source, target[, extra]) names and keypoints."""
+    """Identity of a training set: hash of the ordered (source, target[, extra]) names, keypoints and
+    background weights (where not 1)."""
     h = hashlib.sha256()
     for i, p in enumerate(pairs):
         h.update(f"{p.source.name}|{p.source_keypoints}|{p.target.name}|{p.target_keypoints}".encode())
+        if p.background_weight != 1.0:  # only then: runs made before the weight existed keep their identity
+            h.update(f"|background_weight={p.background_weight!r}".encode())
         if extra:
             h.update(str(extra[i]).encode())
     return h.hexdigest()

@@ -38,7 +38,7 @@ from pcdms.pipeline import canvas_mask, latent_schedule_config, pose_canvas, pri
 from pcdms.pose import pose_to_vector
 from pcdms.encoders import load_image_uint8
 from pcdms.training.cache import EncoderCache
-from pcdms.training.pairs import TrainingPair
+from pcdms.training.pairs import TrainingPair, person_box_weights
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,11 @@ class LossConfig:
 
 
 def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   scheduler: DDPMScheduler, snr_gamma: float | None) -> torch.Tensor:
+                   scheduler: DDPMScheduler, snr_gamma: float | None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between ``pred`` and the scheduler's prediction target (epsilon | v | x0), optionally
-    min-SNR weighted (weights normalised per prediction type as in Hang et al. 2023, Eq. 10)."""
+    min-SNR weighted (weights normalised per prediction type as in Hang et al. 2023, Eq. 10).
+    ``weight``: (B, 1, h, w) per-position weights of each sample's mean (None: plain mean)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -98,7 +100,12 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t:
         target = x0
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}")
-    err = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weight is None:
+        err = err.flatten(1).mean(1)
+    else:
+        w = weight.to(err).expand_as(err).flatten(1)
+        err = (err.flatten(1) * w).sum(1) / w.sum(1).clamp_min(1e-12)
     if snr_gamma is None:
         return err.mean()
     ac = scheduler.alphas_cumprod.to(t.device)[t]
@@ -133,8 +140,21 @@ class _DiffusionTask:
         noise, t = draws["noise"].to(x0), draws["t"].to(x0.device)
         return self.scheduler.add_noise(x0, noise, t), noise, t
 
-    def _loss(self, pred, x0, noise, t):
-        return diffusion_loss(pred, x0, noise, t, self.scheduler, self.loss_cfg.snr_gamma)
+    def _loss(self, pred, x0, noise, t, weight=None):
+        return diffusion_loss(pred, x0, noise, t, self.scheduler, self.loss_cfg.snr_gamma, weight)
+
+    def _init_weights(self, pairs: Sequence[TrainingPair], image_size, scale: int) -> None:
+        # Per-position loss weights only where some pair asks for them (TrainingPair.background_weight):
+        # runs without any keep the plain mean, bit for bit.
+        self.background_weights = np.array([p.background_weight for p in pairs])
+        self.weighted = bool((self.background_weights != 1.0).any())
+        self.target_keypoints = [p.keypoints()[1] for p in pairs]
+        self.weight_size = (image_size, scale)
+
+    def _target_weights(self, idx: torch.Tensor) -> torch.Tensor:
+        ids = idx.tolist()
+        return person_box_weights(np.stack([self.target_keypoints[i] for i in ids]), self.background_weights[ids],
+                                  *self.weight_size)
 
 
 def _pose_vectors(pairs: Sequence[TrainingPair], image_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +219,7 @@ class InpaintTask(_DiffusionTask):
         self.masked_latent = cache.get_indexed("masked_latent", src, progress)
         self.dino = cache.get_indexed("dino", src, progress)
         self.target_clip = cache.get_indexed("clip", tgt, progress)
+        self._init_weights(pairs, preset.image_size, preset.vae_scale_factor)
         self.global_std = None  # (D,) for loss.global_noise
         if loss.global_noise:
             if len(pairs) < 2:
@@ -222,9 +243,13 @@ class InpaintTask(_DiffusionTask):
         # Preset.canvas_latents: the joint canvas latent, or two single-image latents side by side.
         x0 = (self.canvas_latent[idx] if self.joint
               else torch.cat([self.source_latent[idx], self.target_latent[idx]], dim=-1))
-        return {"x0": x0, "masked_latent": self.masked_latent[idx], "pose_canvas": poses,
-                "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
-                "global": (self.target_clip[idx] if self.global_samples is None else self.global_samples[idx])}
+        out = {"x0": x0, "masked_latent": self.masked_latent[idx], "pose_canvas": poses,
+               "mask": canvas_mask(len(idx), self.image_size, self.f), "dino": self.dino[idx],
+               "global": (self.target_clip[idx] if self.global_samples is None else self.global_samples[idx])}
+        if self.weighted:  # the source half keeps weight 1; the target half per its background weight
+            target = self._target_weights(idx)
+            out["weight"] = torch.cat([torch.ones_like(target), target], dim=-1)
+        return out
 
     def draws(self, generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
         out = super().draws(generator, n)
@@ -246,7 +271,7 @@ class InpaintTask(_DiffusionTask):
             global_embed = global_embed + scale * draws["global_noise"].to(global_embed)
         dino, global_embed = _unwrap(model).drop_conditions(batch["dino"], global_embed, masks=draws["masks"].T)
         pred = model(noisy, t, batch["mask"], batch["masked_latent"], batch["pose_canvas"], dino, global_embed)
-        return self._loss(pred, x0, noise, t)
+        return self._loss(pred, x0, noise, t, batch.get("weight"))
 
 
 @torch.no_grad()
@@ -297,18 +322,22 @@ class RefineTask(_DiffusionTask):
         self.target_latent = cache.get_indexed("latent", [p.target for p in pairs], progress)
         self.coarse_latent = cache.get_indexed("latent", list(coarse), progress)
         self.dino = cache.get_indexed("dino", [p.source for p in pairs], progress)
+        self._init_weights(pairs, preset.image_size, preset.vae_scale_factor)
 
     def __len__(self) -> int:
         return len(self.target_latent)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"x0": self.target_latent[idx], "coarse": self.coarse_latent[idx], "dino": self.dino[idx]}
+        out = {"x0": self.target_latent[idx], "coarse": self.coarse_latent[idx], "dino": self.dino[idx]}
+        if self.weighted:
+            out["weight"] = self._target_weights(idx)
+        return out
 
     def loss(self, model, batch, draws) -> torch.Tensor:
         x0 = batch["x0"]
         noisy, noise, t = self._noisy(x0, draws)
         coarse, dino = _unwrap(model).drop_conditions(batch["coarse"], batch["dino"], masks=draws["masks"].T)
-        return self._loss(model(noisy, t, coarse, dino), x0, noise, t)
+        return self._loss(model(noisy, t, coarse, dino), x0, noise, t, batch.get("weight"))
 
 
 class VaeTask:

@@ -92,6 +92,11 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
                    "at sampling time) instead of the true target embedding. 0 = the true one, as in the paper.")
 @click.option("--prior-steps", type=int, default=10, show_default=True, help="DDIM steps of those prior samples.")
 @click.option("--prior-guidance", type=float, default=2.0, show_default=True, help="Guidance of those samples.")
+@click.option("--cross-camera-background", "cross_camera_background", type=click.FloatRange(0.0, 1.0), default=1.0,
+              show_default=True,
+              help="Inpaint/refine: loss weight of the target's background (outside the box around its joints) in "
+                   "pairs whose images come from different cameras, which the source cannot predict. 1 = the "
+                   "paper's plain loss; 0 lets the generator keep the source's background (beyond the paper).")
 @click.option("--init", "init_path", type=click.Path(path_type=Path), default=None,
               help="Starting weights: SD 2.1-base folder (inpaint/refine), Kandinsky-2.2 prior folder (prior), "
                    "or a trained stage folder of the same architecture (fine-tuning). Default: random.")
@@ -112,7 +117,7 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pairs_csv, poses_csv, per_source, steps,
                     batch_size, grad_accum, lr, weight_decay, max_grad_norm, warmup_steps, ema_decay,
                     mixed_precision, checkpoint_every, seed, p_joint, p_extra, snr_gamma, noise_offset, global_noise,
-                    prior_samples, prior_steps, prior_guidance, init_path,
+                    prior_samples, prior_steps, prior_guidance, cross_camera_background, init_path,
                     embed_stats, clip_checkpoint, dino_path, vae_path, stand_in_encoders, coarse_dir, resume,
                     overwrite, device) -> None:
     """Train one PCDMs stage (or the toy VAE) on same-identity pairs of a Market-style dataset into OUT.
@@ -168,6 +173,13 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
         pairs, counts = _pairs(dataset, records, poses_csv, pairs_csv, per_source, seed)
         if not pairs:
             raise click.ClickException(f"{data_root}: no training pairs ({what}; {counts})")
+        if cross_camera_background != 1.0:
+            if stage == "prior":
+                raise click.UsageError("--cross-camera-background weights image latents: inpaint and refine only")
+            from reid_aug.pairs import weight_cross_camera_background
+
+            pairs = weight_cross_camera_background(pairs, records, cross_camera_background)
+            counts["cross_camera_pairs"] = sum(p.background_weight != 1.0 for p in pairs)
         if rank == 0:
             click.echo(f"{stage}: {len(pairs):,} pairs from {what} (" + ", ".join(f"{k} {v:,}" if isinstance(v, int)
                                                                            else f"{k} {v}" for k, v in counts.items())
@@ -176,7 +188,8 @@ def train_pcdms_cmd(stage, data_root, gen_dir, preset, subset, subset_seed, pair
             stage, pairs, gen_dir, p, cfg, loss, init=init_path, embed_stats=embed_stats,
             clip_path=clip_checkpoint, dino_path=dino_path, vae_path=vae_path, stand_in_seed=stand_in_encoders,
             coarse_dir=coarse_dir, resume=resume, device=device, overwrite=overwrite,
-            sources={"data": str(dataset.root), "records": what, "poses": str(poses_csv)})
+            sources={"data": str(dataset.root), "records": what, "poses": str(poses_csv),
+                     "cross_camera_background": cross_camera_background})
         if rank == 0:
             click.echo(f"{result['output']}: {stage} trained to step {result['step']} (final loss "
                        f"{result['final_loss']})")
