@@ -234,13 +234,26 @@ def train_cell(cfg: ExperimentConfig, run_dir: str | Path, dataset: ReidDataset,
         synthetic = cell_synthetic_images(run_dir, method, fraction, seed, (r.name for r in records))
         if method.identity_filter is not None:
             synthetic = _filtered(run_dir, method, fraction, seed, cfg.device, echo, label)
-    echo(f"{label}: training BoT on {len(records)} real + {len(synthetic)} synthetic images")
+    echo(f"{label}: BoT on {len(records)} real + {len(synthetic)} synthetic images")
     train_bot(bot_cfg, records, out, synthetic_records=synthetic, resume=True, device=cfg.device,
-              sources={"data": dataset.root, "subset": sub_path})
-    metrics = evaluate_model(out / "model", cfg.data, out_path=out / METRICS_NAME, rerank=cfg.rerank,
-                             device=cfg.device)
+              sources={"data": dataset.root, "subset": sub_path}, log=lambda msg: echo(f"{label}: {msg}"))
+    # train_bot deletes metrics.json whenever it trains, so one still here scored this very model.
+    metrics = _current_metrics(out / METRICS_NAME, cfg.rerank)
+    if metrics is None:
+        metrics = evaluate_model(out / "model", cfg.data, out_path=out / METRICS_NAME, rerank=cfg.rerank,
+                                 device=cfg.device)
+    else:
+        echo(f"{label}: already evaluated ({out / METRICS_NAME})")
     echo(f"{label}: Rank-1 {100 * metrics['rank1']:.1f}  mAP {100 * metrics['mAP']:.1f}")
     return metrics
+
+
+def _current_metrics(path: Path, rerank: bool) -> dict | None:
+    """The metrics in ``path`` if they were computed with the same re-ranking setting, else None."""
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if (metrics.get("rerank") is not None) == rerank else None
 
 
 def run_experiment(

@@ -479,8 +479,8 @@ def check_pcdms_weights(cfg: SynthesisConfig) -> Path:
     if cfg.pipeline is None:
         raise WeightsNotFoundError(
             "generator 'pcdms' needs a trained PCDMs pipeline folder: set pipeline: DIR (--pipeline DIR), a folder "
-            "written by PCDMsPipeline.save_pretrained (model_index.json, prior/, inpaint/, refine/); random stage "
-            "weights are never used")
+            "written by train-pcdms or PCDMsPipeline.save_pretrained (model_index.json, prior/, inpaint/, refine/), "
+            "or builtin:toy for the shipped toy generator; random stage weights are never used")
     folder = Path(cfg.pipeline)
     if not (folder / "model_index.json").is_file():
         what = "not found" if not folder.exists() else "has no model_index.json"
@@ -930,8 +930,10 @@ def synthesize(
         if cfg.generator == "pcdms" and to_make:
             found = estimate_seconds_per_image(timing_key(cfg, sha256_folder(cfg.pipeline)))
             if found is not None:
-                shards = max(world, 1)
-                estimate = {"seconds": found[0] * to_make / shards, "seconds_per_image": found[0], "source": found[1]}
+                # Per process: its share, in whole batches (a short last batch is padded and costs a full one).
+                per_shard = math.ceil(to_make / max(world, 1))
+                padded = math.ceil(per_shard / cfg.batch_size) * cfg.batch_size
+                estimate = {"seconds": found[0] * padded, "seconds_per_image": found[0], "source": found[1]}
         return {"out": str(out), "images": len(items), "sources": len(records), "existing": len(existing),
                 "reusable": len(reusable), "to_make": to_make, "estimate": estimate,
                 "batches": math.ceil((len(left) - len(reusable)) / cfg.batch_size) if cfg.generator == "pcdms" else 0,

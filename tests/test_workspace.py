@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from reid_aug.cli import main
 from reid_aug.data.toy import make_toy_market
-from reid_aug.layout import cell_dir, subset_path, synthetic_dir
+from reid_aug.layout import STANDARD, cell_dir, subset_path, synthetic_dir
 from tests.test_sweep import CONFIG
 
 
@@ -56,16 +56,24 @@ def test_the_short_commands_share_the_sweep_cells(workspace: Path) -> None:
     _invoke(["train-bot", "--subset", "0.5"])
     for method in ("oracle", "standard"):
         assert (cell_dir(workspace, method, 0.5, 3) / "metrics.json").is_file()
+    # Again: neither trained nor evaluated a second time, and it says so.
+    metrics = cell_dir(workspace, STANDARD, 0.5, 3) / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    out = _invoke(["train-bot", "--subset", "0.5"])
+    assert "already trained" in out and "already evaluated" in out and "Rank-1" in out
+    assert metrics.stat().st_mtime_ns == before
     bot = json.loads((cell_dir(workspace, "oracle", 0.5, 3) / "manifest.json").read_text())
     assert bot["num_synthetic_images"] == json.loads((syn / "manifest.json").read_text())["counts"]["images"] > 0
 
     report = _invoke(["report"])
+    assert "full experiment config: " in report and '"fractions"' not in report  # the JSON stays in report.md
+    assert "Full experiment config" in (workspace / "report" / "report.md").read_text()
     table = report[report.index("## Ours: Rank-1"):report.index("## Ours: mAP")]
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == [
         "Standard", "oracle"]
     # `run` is the loop over the same cells: what the single commands made, it skips.
     out = _invoke(["run", "--fractions", "0.5"])
-    assert out.count("done, skipped") == 2 and "training BoT" not in out
+    assert out.count("done, skipped") == 2 and "BoT on" not in out
 
 
 def test_workspace_errors_are_one_line(workspace: Path) -> None:

@@ -288,8 +288,7 @@ def train_bot(
     model_dir = out_dir / MODEL_DIRNAME
     if resume and _finished(out_dir, fingerprint, cfg.epochs):
         if log is not None and launcher_rank() == 0:
-            log(f"{out_dir}: already trained ({cfg.epochs} epochs, same config and images); nothing to do "
-                "(--no-resume trains again)")
+            log(f"{out_dir}: already trained ({cfg.epochs} epochs, same config and images); not trained again")
         return model_dir
     other = read_manifest(out_dir) if (out_dir / "manifest.json").is_file() else None
     if other is not None and other.get("step") != STEP:

@@ -187,8 +187,8 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     if changed:  # a cell trained otherwise would sit in the table under the workspace's recipe
         raise click.UsageError(
             f"in a workspace the BoT recipe comes from {ws.file or 'the built-in workspace'}; {', '.join(changed)} "
-            "would differ from it and mix into its table. Set them under bot: in reid-aug.yaml, or train a "
-            "one-off run (--data ROOT --out DIR)")
+            "would differ from it and mix into its table. Set them under bot: in reid-aug.yaml"
+            f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or train a one-off run (--data ROOT --out DIR)")
     cfg = dataclasses.replace(ws.config, device=device or ws.config.device)
     name = STANDARD if method is None else method.name
     try:

@@ -34,5 +34,11 @@ def report_cmd(run_dir: Path | None, out: Path | None) -> None:
         paths = make_report(run_dir, out)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(paths["markdown"].read_text(), nl=False)
+    text = paths["markdown"].read_text()
+    # The terminal gets the tables; the run's full config (a long JSON block) stays in the file.
+    start = text.find("<details><summary>Full experiment config")
+    if start >= 0:
+        end = text.find("</details>", start)
+        text = text[:start] + f"(full experiment config: {paths['markdown']})" + text[end + len("</details>"):]
+    click.echo(text, nl=False)
     click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {paths['markdown'].parent}", err=True)

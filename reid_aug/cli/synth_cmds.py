@@ -166,7 +166,7 @@ def _print_plan(plan: dict) -> None:
         click.echo("  time: nothing to make")
     elif est is not None:
         click.echo(f"  time: about {_duration(est['seconds'])} at {est['seconds_per_image']:.3g} s/image "
-                   f"({est['source']})")
+                   f"({est['source']}), counting whole batches, plus loading the models")
     elif plan["generator"] == "pcdms":
         click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages and batch "
                    "size yet (every run records its speed; a small --subset run gives the estimate)")
@@ -234,8 +234,8 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
         raise click.UsageError(
             f"in a workspace the synthesis settings come from {ws.file or 'the built-in workspace'}; "
             f"{', '.join(changed)} would differ from method {method.name!r} there and mix into its table. "
-            f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml, or run a one-off job "
-            "(--data ROOT --out DIR)")
+            f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml"
+            f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or run a one-off job (--data ROOT --out DIR)")
     method = dataclasses.replace(method, synthesis=syn)
     if not dry_run and syn.generator == "pcdms" and syn.allow_random_weights and None in encoder_paths(syn).values():
         click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
