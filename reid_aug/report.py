@@ -31,6 +31,9 @@ from reid_aug.layout import STANDARD, fraction_dirname, seed_dirname
 from reid_aug.manifest import MANIFEST_NAME, read_manifest
 from reid_aug.published import BOT_MARKET, BOT_SOURCE, TABLE2_FRACTIONS, TABLE2_RANK1, TABLE2_SOURCE, display_name
 
+CONFIG_BLOCK_START = "<details><summary>Full experiment config (run manifest)</summary>"
+CONFIG_BLOCK_END = "</details>"
+
 METRIC_COLUMNS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 TABLE_METRICS = (("rank1", "Rank-1"), ("mAP", "mAP"))
 _FRAC_RE = re.compile(r"^frac(\d+(?:\.\d+)?(?:e-?\d+)?)$")
@@ -303,9 +306,19 @@ def _markdown(run_dir: Path, df: pd.DataFrame, unfinished: list[Path], manifest,
         "(the gain from synthetic images at each fraction), not absolute values.",
     ]
     if manifest is not None:
-        parts += ["", "<details><summary>Full experiment config (run manifest)</summary>", "", "```json",
-                  json.dumps(manifest.get("config"), indent=2, default=str), "```", "", "</details>"]
+        parts += ["", CONFIG_BLOCK_START, "", "```json",
+                  json.dumps(manifest.get("config"), indent=2, default=str), "```", "", CONFIG_BLOCK_END]
     return "\n".join(parts) + "\n"
+
+
+def without_config_block(markdown: str, note: str) -> str:
+    """``markdown`` (a report.md) with its collapsed full-config block replaced by ``note``: the
+    tables for a terminal, where the long JSON would push them off screen."""
+    start = markdown.find(CONFIG_BLOCK_START)
+    if start < 0:
+        return markdown
+    end = markdown.index(CONFIG_BLOCK_END, start) + len(CONFIG_BLOCK_END)
+    return markdown[:start] + note + markdown[end:]
 
 
 def _latex(run_dir: Path, df: pd.DataFrame, methods, fractions) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pcdms.devices import resolve_device
+from pcdms.io import read_json_object
 
 from reid_aug.bot.train import BotConfig, train_bot
 from reid_aug.data.market import ReidDataset, read_reid_dataset, read_synthetic_folder
@@ -252,7 +253,7 @@ def _current_metrics(path: Path, rerank: bool) -> dict | None:
     """The metrics in ``path`` if they were computed with the same re-ranking setting, else None."""
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = read_json_object(path)
     return metrics if (metrics.get("rerank") is not None) == rerank else None
 
 

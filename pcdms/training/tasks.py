@@ -148,7 +148,7 @@ class _DiffusionTask:
         # runs without any keep the plain mean, bit for bit.
         self.background_weights = np.array([p.background_weight for p in pairs])
         self.weighted = bool((self.background_weights != 1.0).any())
-        self.target_keypoints = [p.keypoints()[1] for p in pairs]
+        self.target_keypoints = [p.keypoints()[1] for p in pairs] if self.weighted else None
         self.weight_size = (image_size, scale)
 
     def _target_weights(self, idx: torch.Tensor) -> torch.Tensor:

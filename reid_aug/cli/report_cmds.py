@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from reid_aug.cli.app import main
-from reid_aug.report import ReportError, make_report
+from reid_aug.report import ReportError, make_report, without_config_block
 
 
 @main.command("report")
@@ -34,11 +34,6 @@ def report_cmd(run_dir: Path | None, out: Path | None) -> None:
         paths = make_report(run_dir, out)
     except ReportError as exc:
         raise click.ClickException(str(exc)) from None
-    text = paths["markdown"].read_text()
-    # The terminal gets the tables; the run's full config (a long JSON block) stays in the file.
-    start = text.find("<details><summary>Full experiment config")
-    if start >= 0:
-        end = text.find("</details>", start)
-        text = text[:start] + f"(full experiment config: {paths['markdown']})" + text[end + len("</details>"):]
+    text = without_config_block(paths["markdown"].read_text(), f"(full experiment config: {paths['markdown']})")
     click.echo(text, nl=False)
     click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {paths['markdown'].parent}", err=True)

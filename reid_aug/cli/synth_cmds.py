@@ -130,8 +130,7 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     cfg = load_config(SynthesisConfig, config_path, overrides)
     if cfg.generator == "toy-oracle" and poses_csv is not None:
         raise click.UsageError("--poses: the toy-oracle renders its own poses and reads no pose file")
-    if not dry_run and cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
-        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
+    _warn_random_weights(cfg, dry_run)
     try:
         dataset = read_reid_dataset(data_root)
         records, subset_file, notes = subset_records(dataset, subset, fraction, subset_seed)
@@ -145,6 +144,12 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     if dry_run:
         return _print_plan(result)
     _summary(out)
+
+
+def _warn_random_weights(cfg: SynthesisConfig, dry_run: bool) -> None:
+    """The random-encoder warning, for a run that will sample (a dry run loads no weights)."""
+    if not dry_run and cfg.generator == "pcdms" and cfg.allow_random_weights and None in encoder_paths(cfg).values():
+        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
 
 
 def _print_plan(plan: dict) -> None:
@@ -237,8 +242,7 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
             f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml"
             f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or run a one-off job (--data ROOT --out DIR)")
     method = dataclasses.replace(method, synthesis=syn)
-    if not dry_run and syn.generator == "pcdms" and syn.allow_random_weights and None in encoder_paths(syn).values():
-        click.secho(f"WARNING: {RANDOM_WEIGHTS_WARNING}", fg="yellow", err=True)
+    _warn_random_weights(syn, dry_run)
     try:
         if dry_run:
             plan = synthesize_cell(ws.config, ws.root, read_reid_dataset(ws.config.data), method, frac, seed,
