@@ -295,8 +295,9 @@ def read_coarse_table(coarse_dir: str | os.PathLike, pairs: Sequence[TrainingPai
     for p in pairs:
         path = rows.get((p.source.name, p.target.name))
         if path is None or not path.is_file():
-            raise ValueError(f"{table}: no coarse image for pair {p.source.name} -> {p.target.name}; run make-coarse "
-                             "on the same pairs")
+            raise ValueError(f"{table}: no coarse image for pair {p.source.name} -> {p.target.name}; the pairs are "
+                             "drawn from --subset, --per-source and --seed, so give make-coarse the same three (or a "
+                             "--pairs file)")
         out.append(path)
     return out
 

@@ -77,7 +77,8 @@ def _pairs(dataset, records, poses_csv: Path, pairs_csv: Path | None, per_source
 @click.option("--ema", "ema_decay", type=float, default=None, help="EMA decay (exported weights are the EMA).")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Data order, noise, dropout, init.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Pair choice (with --per-source), data order, noise, dropout, init.")
 @click.option("--p-joint", type=float, default=0.1, show_default=True,
               help="Probability that all conditions are dropped together (the guidance null).")
 @click.option("--p-extra", type=float, default=0.0, show_default=True,
