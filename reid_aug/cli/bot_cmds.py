@@ -162,7 +162,7 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
                    cache_dir, tensorboard, dry_run) -> None:
     """`train-bot` in a workspace: train and evaluate the cell (method, fraction, seed) of its run folder."""
     from reid_aug.cli.synth_cmds import workspace_fraction
-    from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
+    from reid_aug.cli.workspace_cmds import load_workspace, settings_conflict, workspace_record
     from reid_aug.layout import STANDARD, cell_dir
     from reid_aug.data.subset import make_subset
     from reid_aug.sweep import ExperimentConfig, cell_synthetic_images, open_run_dir, train_cell
@@ -184,11 +184,8 @@ def _workspace_run(subset, method_name, synthetic_dirs, config_path, overrides, 
     if pretrained is not None:
         bot_overrides["pretrained"] = None if pretrained.lower() == "none" else Path(pretrained)
     changed = sorted(k for k, v in bot_overrides.items() if v != getattr(ws.config.bot, k))
-    if changed:  # a cell trained otherwise would sit in the table under the workspace's recipe
-        raise click.UsageError(
-            f"in a workspace the BoT recipe comes from {ws.file or 'the built-in workspace'}; {', '.join(changed)} "
-            "would differ from it and mix into its table. Set them under bot: in reid-aug.yaml"
-            f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or train a one-off run (--data ROOT --out DIR)")
+    if changed:
+        raise settings_conflict(ws, "the BoT recipe comes", changed, "it", "bot:", "train a one-off run")
     cfg = dataclasses.replace(ws.config, device=device or ws.config.device)
     name = STANDARD if method is None else method.name
     try:

@@ -209,7 +209,7 @@ def workspace_fraction(subset: str | None, fraction: float | None) -> float:
 def _workspace_job(subset, fraction, subset_seed, method_name, config_path, poses_csv, overrides,
                    overwrite: bool, dry_run: bool) -> None:
     """`synthesize` in a workspace: the synthetic cell (method, fraction, seed) of its run folder."""
-    from reid_aug.cli.workspace_cmds import load_workspace, workspace_record
+    from reid_aug.cli.workspace_cmds import load_workspace, settings_conflict, workspace_record
     from reid_aug.sweep import ExperimentConfig, open_run_dir, synthesize_cell
 
     if config_path is not None:
@@ -235,12 +235,9 @@ def _workspace_job(subset, fraction, subset_seed, method_name, config_path, pose
         raise click.ClickException(str(exc)) from None
     changed = sorted(k for k, v in config_to_dict(syn).items()
                      if k != "device" and v != config_to_dict(method.synthesis)[k])
-    if changed:  # a cell made otherwise would sit in the table under the workspace's settings
-        raise click.UsageError(
-            f"in a workspace the synthesis settings come from {ws.file or 'the built-in workspace'}; "
-            f"{', '.join(changed)} would differ from method {method.name!r} there and mix into its table. "
-            f"Set them under methods: {method.name}: synthesis: in reid-aug.yaml"
-            f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or run a one-off job (--data ROOT --out DIR)")
+    if changed:
+        raise settings_conflict(ws, "the synthesis settings come", changed, f"method {method.name!r} there",
+                                f"methods: {method.name}: synthesis:", "run a one-off job")
     method = dataclasses.replace(method, synthesis=syn)
     _warn_random_weights(syn, dry_run)
     try:

@@ -49,6 +49,18 @@ def _demo_config_text() -> str:
     return (resources.files("reid_aug.configs") / DEMO_CONFIG).read_text()
 
 
+def settings_conflict(ws: Workspace, settings: str, changed, differ_from: str, key: str,
+                      one_off: str) -> click.UsageError:
+    """The error for command-line settings that differ from the workspace's: a cell made with them
+    would sit in the table under the workspace's settings. ``settings`` names them with their verb
+    ("the BoT recipe comes"), ``key`` is where they live in reid-aug.yaml, ``one_off`` the command
+    form that takes them."""
+    return click.UsageError(
+        f"in a workspace {settings} from {ws.file or 'the built-in workspace'}; {', '.join(changed)} would differ "
+        f"from {differ_from} and mix into its table. Set them under {key} in {WORKSPACE_FILE}"
+        f"{'' if ws.file else ' (`reid-aug init` writes one here)'}, or {one_off} (--data ROOT --out DIR)")
+
+
 def load_workspace(echo=click.echo, overrides: dict | None = None) -> Workspace:
     """The workspace of the current folder: its reid-aug.yaml (here or in a parent), or the built-in one.
 
