@@ -50,7 +50,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pcdms.devices import resolve_device as _torch_device
+from pcdms.devices import has_native_bf16, resolve_device as _torch_device
 from pcdms.images import to_rgb8
 from pcdms.io import atomic_path, locked_output, read_json_object, sha256_file, sha256_folder, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
@@ -70,6 +70,7 @@ STEP = "synthesize"
 GENERATORS = ("pcdms", "toy-oracle")
 MISSING_SOURCE_POSE = ("error", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+AUTO_DTYPE = "auto"  # bfloat16 where the device computes it natively, float32 elsewhere (resolve_dtype)
 SYNTHESIS_CSV, ANNOTATION_CSV, SUBSET_CSV = "manifest.csv", "annotation.csv", "subset.csv"
 PREVIEW_NAME, COARSE_DIR, PREVIEW_ROWS = "preview.png", "coarse", 8
 CANONICAL_CSV, CANONICAL_PNG = "canonical-poses.csv", "canonical-poses.png"
@@ -108,7 +109,7 @@ class SynthesisConfig:
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
     ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
     sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
-    (default: cuda if available), ``dtype``, ``keep_coarse`` (also write the stage-2 images
+    (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse`` (also write the stage-2 images
     to ``OUT/coarse/``).
     """
 
@@ -139,7 +140,7 @@ class SynthesisConfig:
     def __post_init__(self) -> None:
         choices = {"generator": GENERATORS, "pose_pool": POSE_POOLS, "pose_identity": POSE_IDENTITIES[:2],
                    "strategy": STRATEGIES,
-                   "missing_source_pose": MISSING_SOURCE_POSE, "dtype": tuple(DTYPES)}
+                   "missing_source_pose": MISSING_SOURCE_POSE, "dtype": (*DTYPES, AUTO_DTYPE)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -532,6 +533,18 @@ def resolve_device(cfg: SynthesisConfig) -> torch.device:
         raise SynthesisError(str(exc)) from None
 
 
+def resolve_dtype(cfg: SynthesisConfig) -> str:
+    """The pipeline dtype name of ``cfg``: ``cfg.dtype``, or for ``"auto"`` bfloat16 where the
+    device computes it natively (:func:`pcdms.devices.has_native_bf16`) and float32 elsewhere.
+
+    Manifests, timings and resume checks use this resolved name, so a job started in bf16 on one
+    machine is not silently continued in float32 on another.
+    """
+    if cfg.dtype != AUTO_DTYPE:
+        return cfg.dtype
+    return "bfloat16" if has_native_bf16(resolve_device(cfg)) else "float32"
+
+
 def load_pcdms(cfg: SynthesisConfig):
     """The :class:`pcdms.pipeline.PCDMsPipeline` of ``cfg`` on its device and dtype."""
     from pcdms.encoders import build_encoders
@@ -543,7 +556,7 @@ def load_pcdms(cfg: SynthesisConfig):
         preset = get_preset(json.loads((folder / "model_index.json").read_text())["preset"])
     except (json.JSONDecodeError, KeyError) as exc:
         raise SynthesisError(f"{folder / 'model_index.json'}: unreadable or without 'preset' ({exc})") from None
-    device, dtype = resolve_device(cfg), DTYPES[cfg.dtype]
+    device, dtype = resolve_device(cfg), DTYPES[resolve_dtype(cfg)]
     # Random encoders (tests) are seeded so that a resumed job rebuilds the same ones.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -610,7 +623,7 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
 
 def timing_key(cfg: SynthesisConfig, pipeline_sha256: str) -> TimingKey:
     """What decides a PCDMs job's speed (:mod:`reid_aug.timings`)."""
-    return TimingKey(pipeline_sha256, resolve_device(cfg).type, cfg.dtype, cfg.scheduler, cfg.num_inference_steps,
+    return TimingKey(pipeline_sha256, resolve_device(cfg).type, resolve_dtype(cfg), cfg.scheduler, cfg.num_inference_steps,
                      cfg.stages, cfg.batch_size, cfg.guidance_scale != 1.0)
 
 
@@ -799,7 +812,7 @@ def _settings(cfg: SynthesisConfig, checkpoints: Mapping[str, str]) -> dict[str,
             "strategy": _strategy_label(cfg) if pcdms else "toy-oracle",
             "scheduler": cfg.scheduler if pcdms else "", "num_inference_steps": cfg.num_inference_steps if pcdms else "",
             "guidance_scale": cfg.guidance_scale if pcdms else "", "stages": cfg.stages if pcdms else "",
-            "dtype": cfg.dtype if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
+            "dtype": resolve_dtype(cfg) if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
 
 
 def _strategy_label(cfg: SynthesisConfig) -> str:

@@ -481,6 +481,14 @@ def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, m
     # Twice the steps: the same pipeline's timing, scaled.
     assert f"{2 * entry['seconds_per_image']:.3g} s/image (scaled from 2 steps" in plan("--steps", "4")
     assert "time: unknown" in plan("--dtype", "bfloat16")
+    # dtype auto: float32 on a CPU without native bf16 (so this run's timing applies), bf16 with it.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    auto = plan("--dtype", "auto")
+    assert "stages full, float32" in auto and "measured" in auto
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    auto = plan("--dtype", "auto")
+    assert "stages full, bfloat16" in auto and "time: unknown" in auto
     assert made > 2
 
 

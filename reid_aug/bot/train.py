@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pcdms.devices import resolve_device
+from pcdms.devices import has_native_bf16, resolve_device
 from pcdms.io import atomic_path, launcher_rank, locked_output, sha256_file, write_text_atomic
 from reid_aug.bot.config import BotConfig, lr_factor
 from reid_aug.bot.data import augment_batch, default_num_workers, load_images
@@ -245,9 +245,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-            torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if native else None
+        return torch.bfloat16 if has_native_bf16(device) else None
     return None
 
 

@@ -77,8 +77,9 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 @click.option("--allow-random-weights", is_flag=True, default=None,
               help="Random weights for encoders without a path: tests and smoke runs ONLY.")
 @click.option("--device", default=None, help="torch device (default cuda if available, else cpu).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Pipeline dtype (default float32).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "auto"]), default=None,
+              help="Pipeline dtype (default float32; auto: bfloat16 where the device has native bf16, "
+                   "float32 elsewhere).")
 @click.option("--strategy", type=click.Choice(["random", "same-id", "canonical", "file"]), default=None,
               help="Target poses: random (default; the pose bank, other identities), same-id (other images of the "
                    "same person), canonical (k-means centres of the bank), file (--target-poses).")

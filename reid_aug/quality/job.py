@@ -421,7 +421,8 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     only on (source, k, seed, target pose, settings, batch size), as in ``synthesize``.
     """
     from pcdms.pipeline import STAGES
-    from reid_aug.synthesis import _pcdms_generate, check_pcdms_weights, config_dict, load_pcdms, plan_sha256
+    from reid_aug.synthesis import (_pcdms_generate, check_pcdms_weights, config_dict, load_pcdms, plan_sha256,
+                                    resolve_dtype)
 
     out_root = Path(out_root)
     folder = check_pcdms_weights(cfg)
@@ -435,6 +436,7 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
         config = json.loads(json.dumps(config_dict(job_cfg), default=str))
         config.pop("device", None)
         config.pop("batch_size", None)  # recorded below, compared: it changes the rounding
+        config["dtype"] = resolve_dtype(job_cfg)  # "auto" is bf16 on one machine, float32 on another
         stored = read_manifest(out) if out.is_dir() else None
         want = {"config": config, "plan_sha256": plan, "pipeline_sha256": pipeline_sha, "batch_size": cfg.batch_size}
         if stored is not None and stored.get("step") == GENERATE_STEP:
@@ -486,10 +488,12 @@ def quality_job(data_root: str | Path, out_dir: str | Path, predictions: Mapping
     extra: dict[str, Any] = {}
     generation = None
     if generate_cfg is not None:
+        from reid_aug.synthesis import resolve_dtype
+
         generation = {"pipeline": str(generate_cfg.pipeline), "stages": list(stages),
                       "scheduler": generate_cfg.scheduler, "num_inference_steps": generate_cfg.num_inference_steps,
                       "guidance_scale": generate_cfg.guidance_scale, "seed": generate_cfg.seed,
-                      "dtype": generate_cfg.dtype, "batch_size": generate_cfg.batch_size}
+                      "dtype": resolve_dtype(generate_cfg), "batch_size": generate_cfg.batch_size}
         folders = generate_pairs(generate_cfg, pairs, Path(out_dir) / "generated", stages, overwrite=overwrite,
                                  progress=progress, log=log)
         predictions = {**{st: str(f) for st, f in folders.items()}, **predictions}
