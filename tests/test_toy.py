@@ -132,6 +132,8 @@ def test_pairs_are_same_identity_existing_files(market):
 def test_deterministic_and_stable_when_ids_grow(market, tmp_path):
     again = make_toy_market(tmp_path / "again", num_ids=NUM_IDS, seed=0)
     assert _file_hashes(again) == _file_hashes(market)
+    parallel = make_toy_market(tmp_path / "parallel", num_ids=NUM_IDS, seed=0, workers=2)
+    assert _file_hashes(parallel) == _file_hashes(market)  # images, annotations and pairs
     other = _file_hashes(make_toy_market(tmp_path / "seed1", num_ids=NUM_IDS, seed=1))
     assert other != _file_hashes(market)
     grown = _file_hashes(make_toy_market(tmp_path / "grown", num_ids=NUM_IDS + 2, seed=0))

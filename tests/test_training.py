@@ -227,6 +227,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tasks, stage)
     # EMA is on: the exported weights are not the raw weights.
     raw = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000006" / "model.safetensors"))
     assert any(not torch.equal(raw[k], v) for k, v in want.items())
+    # Without checkpoints (the speed benchmark): the same steps, nothing exported, no checkpoint written.
+    exported = []
+    bare = train(_model(stage), task, cfg, tmp_path / "d", identity=identity, progress=False, checkpoints=False,
+                 on_checkpoint=lambda model, step: exported.append(step))
+    _assert_same_weights(want, bare.state_dict())
+    assert not checkpoint_dirs(tmp_path / "d") and not exported
 
 
 def test_resume_accepts_an_identity_with_tuples(tmp_path, tasks):

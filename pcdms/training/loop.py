@@ -171,6 +171,7 @@ def train(
     device: str | torch.device = "cpu",
     progress: bool = True,
     on_checkpoint: Callable[[torch.nn.Module, int], None] | None = None,
+    checkpoints: bool = True,
 ) -> torch.nn.Module:
     """Train ``model`` on ``task`` (see :mod:`pcdms.training.tasks`) for ``cfg.max_steps`` steps.
 
@@ -180,6 +181,8 @@ def train(
         resume: a checkpoint folder, or ``"latest"`` (the newest in ``run_dir``), or None.
         on_checkpoint: called on rank 0 with the weights to export (EMA if enabled) and the step,
             after each checkpoint and at the end.
+        checkpoints: False writes no checkpoint and calls no ``on_checkpoint`` (speed benchmarks:
+            a paper-size checkpoint with its optimizer state is about 14 GB).
 
     Returns the trained model (EMA weights copied in when EMA is on). Raises :class:`ResumeError`.
     """
@@ -273,7 +276,7 @@ def train(
                              "grad_norm": f"{float(grad_norm):.4f}", "steps_per_s": f"{rate:.3f}",
                              "elapsed_s": f"{elapsed0 + time.time() - t0:.1f}"})
             _write_log(run_dir, log_rows)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if checkpoints and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             if rank == 0:
                 _save_checkpoint(run_dir, step, model, optimizer, schedule, scaler, ema, identity, config,
                                  cfg.keep_checkpoints)

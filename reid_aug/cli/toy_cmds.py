@@ -20,7 +20,10 @@ from reid_aug.data.toy import ToyConfig, generate_toy_market, read_toy_manifest
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="YAML with ToyConfig keys (num_ids, images_per_id, num_cameras, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace a complete toy Market already at OUT.")
-def make_toy_market_cmd(out: Path, num_ids: int | None, seed: int, config_path: Path | None, overwrite: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Render in this many processes (the same files for any number).")
+def make_toy_market_cmd(out: Path, num_ids: int | None, seed: int, config_path: Path | None, overwrite: bool,
+                        workers: int) -> None:
     """Render a toy dataset laid out exactly like Market-1501 into OUT.
 
     \b
@@ -44,7 +47,7 @@ def make_toy_market_cmd(out: Path, num_ids: int | None, seed: int, config_path: 
         )
     start = time.perf_counter()
     try:
-        generate_toy_market(out, cfg, seed=seed, overwrite=overwrite, progress=True)
+        generate_toy_market(out, cfg, seed=seed, overwrite=overwrite, progress=True, workers=workers)
     except (FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     counts = read_toy_manifest(out)["counts"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,16 +263,30 @@ def _check_target(out: Path, overwrite: bool) -> None:
         )
 
 
+def _render_to(job: tuple[Shot, int, Path, int]) -> np.ndarray:
+    """Render one shot to its JPEG file; its keypoints (a worker's share of :func:`generate_toy_market`)."""
+    shot, seed, path, quality = job
+    img, kp = render_shot(shot, seed)
+    img.save(path, quality=quality)
+    return kp
+
+
 def generate_toy_market(
-    out: str | Path, config: ToyConfig = ToyConfig(), seed: int = 0, overwrite: bool = False, progress: bool = False
+    out: str | Path, config: ToyConfig = ToyConfig(), seed: int = 0, overwrite: bool = False, progress: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Render the toy Market-1501 described in the module docstring into ``out``; return ``out``.
 
+    ``workers`` > 1 renders in that many processes; every image is a function of (seed, shot), so
+    the files are the same for any number of workers.
+
     Raises :class:`FileExistsError` if ``out`` already holds a complete toy Market (unless
-    ``overwrite``) or holds anything else.
+    ``overwrite``) or holds anything else; ``ValueError`` for a negative seed or workers < 1.
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out).absolute()  # "." has no name to put ".tmp" after
     _check_target(out, overwrite)
     tmp = out.with_name(out.name + ".tmp")
@@ -283,9 +298,16 @@ def generate_toy_market(
     shots = plan_dataset(config, seed)
     poses: dict[str, dict[str, np.ndarray]] = {"train": {}, "test": {}}
     by_pid: dict[str, dict[int, list[str]]] = {"train": {}, "test": {}}
-    for shot in tqdm(shots, desc="rendering toy Market", unit="img", disable=not progress):
-        img, kp = render_shot(shot, seed)
-        img.save(tmp / shot.folder / shot.name, quality=config.jpeg_quality)
+    jobs = ((shot, seed, tmp / shot.folder / shot.name, config.jpeg_quality) for shot in shots)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        rendered = pool.map(_render_to, jobs, chunksize=64) if pool else map(_render_to, jobs)
+        keypoints = list(tqdm(rendered, total=len(shots), desc="rendering toy Market", unit="img",
+                              disable=not progress))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    for shot, kp in zip(shots, keypoints):
         split = "train" if shot.folder == TRAIN_DIR else "test"
         poses[split][shot.name] = kp
         if shot.pid > 0:
@@ -336,8 +358,9 @@ def make_toy_market(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    workers: int = 1,
     **options,
 ) -> Path:
     """Convenience wrapper: ``options`` are the other :class:`ToyConfig` fields."""
     cfg = ToyConfig(num_ids=num_ids, images_per_id=tuple(images_per_id), **options)
-    return generate_toy_market(out, cfg, seed=seed, overwrite=overwrite, progress=progress)
+    return generate_toy_market(out, cfg, seed=seed, overwrite=overwrite, progress=progress, workers=workers)
