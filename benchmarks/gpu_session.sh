@@ -17,7 +17,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 lpips==0.1.4 \
-#     torch_fidelity==0.4.0 huggingface_hub==2.4.0
+#     torch_fidelity==0.4.0 huggingface_hub==1.33.0
+# (the hub wheel is installed only if the image's own does not import diffusers: diffusers 0.42 needs
+# hub >= 1.32, and 1.33 is the newest on httpx, which the image has; hub 2.x needs httpx2.)
 # Run (device tool): command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 600.
 # Bring the generator home: a copy of reid_aug/generators/toy with the two model.safetensors
 # replaced and its training/ extended with meta.tgz's manifests and logs (the next run numbers);
@@ -36,7 +38,7 @@ export PYTHONUNBUFFERED=1
 
 if [ "$SMOKE" = 1 ]; then
   PY=${PY:-python3}; DEVICE=cpu; IDS=60; SMALL_IDS=20; WORKERS=2
-  T_INPAINT=120; T_REFINE=90; BATCH=8; PAIRS=16; CKPT=5; MP=no  # emulated bf16 is slow on most CPUs
+  T_BENCH=60; T_INPAINT=120; T_REFINE=90; BATCH=8; PAIRS=16; CKPT=5; MP=no  # emulated bf16 is slow on most CPUs
   BENCH=(--preset tiny --batch 4 --steps 2 --warmup 1)
 else
   if [ -d .whl ]; then
@@ -53,7 +55,7 @@ else
   fi
   PY=python3; DEVICE=cuda; IDS=1600; SMALL_IDS=300; WORKERS=16
   # Budgets in seconds, each including the stage's set-up (encoder cache, prior samples).
-  T_INPAINT=${T_INPAINT:-180}; T_REFINE=${T_REFINE:-75}; BATCH=64; PAIRS=1000; CKPT=250; MP=bf16
+  T_BENCH=75; T_INPAINT=${T_INPAINT:-170}; T_REFINE=${T_REFINE:-70}; BATCH=64; PAIRS=1000; CKPT=250; MP=bf16
   BENCH=(--preset paper --batch 32 --mixed-precision bf16 --steps 20 --warmup 3)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 fi
@@ -62,11 +64,13 @@ RA=("$PY" -m reid_aug.cli)
 START=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - START )) s: $*"; }
 
-stamp "1. paper-size training speed"
-"$PY" benchmarks/bench_train_pcdms.py "${BENCH[@]}" --stage inpaint --market-steps 200000 --no-write \
-  | tee -a "$OUT/bench.txt"
-"$PY" benchmarks/bench_train_pcdms.py "${BENCH[@]}" --stage refine --market-steps 100000 --no-write \
-  | tee -a "$OUT/bench.txt"
+# Each part is capped, and the weights are copied out before the quality run, so that an overrun
+# of the 10-minute call loses the least.
+stamp "1. paper-size training speed (at most ${T_BENCH}s each)"
+timeout "$T_BENCH" "$PY" benchmarks/bench_train_pcdms.py "${BENCH[@]}" --stage inpaint --market-steps 200000 \
+  --no-write | tee -a "$OUT/bench.txt"
+timeout "$T_BENCH" "$PY" benchmarks/bench_train_pcdms.py "${BENCH[@]}" --stage refine --market-steps 100000 \
+  --no-write | tee -a "$OUT/bench.txt"
 
 stamp "2. toy generator: data"
 "${RA[@]}" make-toy-market "$WORK/big" --seed 1 --ids $IDS --workers $WORKERS | tail -1
@@ -103,17 +107,17 @@ train_for $T_REFINE refine --data "$WORK/big" --init "$TOY/refine" --subset 0.6 
   --cross-camera-background 0 --batch-size $BATCH --lr 2e-4 --warmup-steps 100 --ema 0.999 --seed 0 \
   --mixed-precision $MP
 
-stamp "6. quality on held-out pairs"
-"$PY" benchmarks/toy_generator_quality.py --generator "$GEN" --data "$WORK/small" --pairs $PAIRS --steps 5 \
-  --variants B2,full --dtype float32 --device $DEVICE --threads 8 --out "$OUT/quality.json" --grid "$OUT/grid.png" \
-  | grep -v "^{"
-
-stamp "7. results"
+stamp "6. results"
 # float16 as shipped (a float32 inpaint stage is 25 MB, over the 16 MB a file may bring back)
 "${RA[@]}" export-generator "$GEN" --out "$WORK/export" --dtype float16 --allow-incomplete | tail -1
 cp "$WORK/export/inpaint/model.safetensors" "$OUT/inpaint.safetensors"
 cp "$WORK/export/refine/model.safetensors" "$OUT/refine.safetensors"
 tar czf "$OUT/meta.tgz" -C "$WORK/export" inpaint/config.json refine/config.json training export.json \
   -C "$GEN" coarse/manifest.json
+
+stamp "7. quality on held-out pairs"
+"$PY" benchmarks/toy_generator_quality.py --generator "$GEN" --data "$WORK/small" --pairs $PAIRS --steps 5 \
+  --variants B2,full --dtype float32 --device $DEVICE --threads 8 --out "$OUT/quality.json" --grid "$OUT/grid.png" \
+  | grep -v "^{"
 ls -la "$OUT"
 stamp done
