@@ -8,6 +8,7 @@ never a truncated one; a re-run then skips what exists.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 # Read once, at import (before any thread runs): os.umask can only be read by setting it.
@@ -69,11 +70,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_folder(path: str | os.PathLike) -> str:
-    """SHA-256 over the sorted relative names and bytes of every file under ``path``."""
+def sha256_folder(path: str | os.PathLike, exclude: Sequence[str] = ()) -> str:
+    """SHA-256 over the sorted relative names and bytes of every file under ``path``, except those
+    whose relative POSIX path matches one of the ``exclude`` patterns (``fnmatch``: ``*`` crosses ``/``)."""
     root = Path(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    keep = lambda q: not any(fnmatch.fnmatchcase(q.relative_to(root).as_posix(), pat) for pat in exclude)  # noqa: E731
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and keep(q)):
         h.update(str(p.relative_to(root)).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()

@@ -47,6 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pcdms.encoders import FrozenEncoders, check_images
+from pcdms.io import sha256_folder
 from pcdms.pose import draw_skeleton_batch, pose_to_vector, side_by_side
 
 # The four samplers offered; all run deterministically (DDIM eta 0, no Euler churn),
@@ -58,6 +59,16 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
 }
 STAGES = {"full": (True, True), "B1": (False, False), "B2": (True, False), "B3": (False, True)}  # (prior, refine)
+# Files of a generator folder that describe it rather than make it (notes, the training manifests and
+# logs that reid-aug export-generator copies, its export record): left out of its identity hash.
+DESCRIPTIVE_FILES = ("*.md", "training/*", "export.json")
+
+
+def pipeline_sha256(folder: str | Path) -> str:
+    """SHA-256 identifying a generator folder: every file :meth:`PCDMsPipeline.from_pretrained` may
+    load (stages, schedules, bundled encoders, ``model_index.json``), not :data:`DESCRIPTIVE_FILES`,
+    so that editing a generator's notes or logs does not make jobs started with it refuse to resume."""
+    return sha256_folder(folder, exclude=DESCRIPTIVE_FILES)
 
 
 def prior_schedule_config() -> dict:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pcdms.devices import has_native_bf16, resolve_device as _torch_device
 from pcdms.images import to_rgb8
-from pcdms.io import atomic_path, locked_output, read_json_object, sha256_file, sha256_folder, write_text_atomic
+from pcdms.io import atomic_path, locked_output, read_json_object, sha256_file, write_text_atomic
 from pcdms.pose import read_annotation_csv, write_annotation_csv
 from reid_aug.data.market import DatasetError, ImageRecord, ReidDataset, is_image_file, parse_market_name
 from reid_aug.data.subset import write_subset_csv
@@ -941,7 +941,9 @@ def synthesize(
         to_make = len(left) - len(reusable)
         estimate = None
         if cfg.generator == "pcdms" and to_make:
-            found = estimate_seconds_per_image(timing_key(cfg, sha256_folder(cfg.pipeline)))
+            from pcdms.pipeline import pipeline_sha256
+
+            found = estimate_seconds_per_image(timing_key(cfg, pipeline_sha256(cfg.pipeline)))
             if found is not None:
                 # Per process: its share, in whole batches (a short last batch is padded and costs a full one).
                 per_shard = math.ceil(to_make / max(world, 1))
@@ -982,7 +984,9 @@ def synthesize(
     # 3. Generate what is missing, each image written atomically.
     checkpoints: dict[str, str] = {}
     if todo and cfg.generator == "pcdms":
-        checkpoints["pipeline"] = sha256_folder(cfg.pipeline)
+        from pcdms.pipeline import pipeline_sha256
+
+        checkpoints["pipeline"] = pipeline_sha256(cfg.pipeline)
         old = (stored or {}).get("checkpoints", {}).get("pipeline")
         if old is not None and old != checkpoints["pipeline"] and not overwrite:
             raise SynthesisError(f"{cfg.pipeline}: the pipeline weights changed since {out} was started "

@@ -458,6 +458,22 @@ def test_pcdms_job_writes_manifest_csv_preview_and_coarse_images(tmp_path, datas
     assert len(read_image_folder(out, relabel=False, keep_distractors=False)) == 3
 
 
+def test_pipeline_identity_ignores_notes_and_training_records(tmp_path, tiny_pipeline):
+    from pcdms.pipeline import pipeline_sha256
+
+    folder = tmp_path / "gen"
+    shutil.copytree(tiny_pipeline, folder)
+    before = pipeline_sha256(folder)
+    (folder / "TRAINING.md").write_text("how it was made\n")
+    (folder / "training").mkdir()
+    (folder / "training" / "inpaint-log.csv").write_text("step,loss\n1,0.5\n")
+    (folder / "export.json").write_text("{}")
+    assert pipeline_sha256(folder) == before
+    config = next(folder.rglob("config.json"))
+    config.write_text(config.read_text() + " ")
+    assert pipeline_sha256(folder) != before
+
+
 def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, market, tiny_pipeline, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("REID_AUG_CACHE", str(tmp_path / "cache"))

@@ -243,7 +243,7 @@ def make_coarse_cmd(data_root, gen_dir, out, subset, subset_seed, pairs_csv, pos
 def export_generator_cmd(gen_dir: Path, out: Path, dtype: str, allow_incomplete: bool) -> None:
     """Copy the loadable part of generator folder GEN_DIR to OUT: stages, encoders, schedules, training manifests
     and logs; no checkpoints, cache or coarse images. OUT loads with synthesize --pipeline OUT."""
-    from pcdms.io import sha256_folder
+    from pcdms.pipeline import pipeline_sha256
     from pcdms.training.run import export_generator
 
     try:
@@ -251,4 +251,4 @@ def export_generator_cmd(gen_dir: Path, out: Path, dtype: str, allow_incomplete:
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    click.echo(f"{folder}: {size / 2**20:.1f} MiB, sha256 {sha256_folder(folder)[:16]}")
+    click.echo(f"{folder}: {size / 2**20:.1f} MiB, sha256 {pipeline_sha256(folder)[:16]}")

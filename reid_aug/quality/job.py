@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pcdms.encoders import load_image_uint8
-from pcdms.io import atomic_path, locked_output, sha256_file, sha256_folder, write_json_atomic, write_text_atomic
+from pcdms.io import atomic_path, locked_output, sha256_file, write_json_atomic, write_text_atomic
 from pcdms.pose import read_annotation_csv, read_pairs_csv
 from reid_aug.data.market import DatasetError, ImageRecord, read_reid_dataset
 from reid_aug.manifest import read_manifest, write_manifest
@@ -421,6 +421,7 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     only on (source, k, seed, target pose, settings, batch size), as in ``synthesize``.
     """
     from pcdms.pipeline import STAGES
+    from pcdms.pipeline import pipeline_sha256
     from reid_aug.synthesis import (_pcdms_generate, check_pcdms_weights, config_dict, load_pcdms, plan_sha256,
                                     resolve_dtype)
 
@@ -428,7 +429,7 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     folder = check_pcdms_weights(cfg)
     items = _pair_items(pairs, cfg.seed)
     plan = plan_sha256(items)
-    pipeline_sha = sha256_folder(folder)
+    pipeline_sha = pipeline_sha256(folder)
     jobs = {}
     for st in stages:
         job_cfg = dataclasses.replace(cfg, stages=st)
