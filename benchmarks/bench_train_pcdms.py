@@ -40,8 +40,6 @@ from pcdms.training.loop import TrainConfig, train
 from pcdms.training.pairs import TrainingPair
 from pcdms.training.tasks import InpaintTask, LossConfig, RefineTask
 
-STAGES = {"inpaint": InpaintTask, "refine": RefineTask}
-
 
 class RandomCache:
     """Stands in for :class:`pcdms.training.cache.EncoderCache`: one random row per distinct image,
@@ -79,7 +77,7 @@ def random_pairs(n: int, image_size: tuple[int, int], seed: int = 0) -> list[Tra
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=["paper", "toy", "tiny"], default="tiny")
-    ap.add_argument("--stage", choices=sorted(STAGES), default="inpaint")
+    ap.add_argument("--stage", choices=["inpaint", "refine"], default="inpaint")
     ap.add_argument("--batch", type=int, default=32, help="global batch per optimizer step (default 32)")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
@@ -139,8 +137,8 @@ def main(argv=None) -> None:
         unit = "GPU-h" if device.type == "cuda" else "h of this CPU"
         figure += f"; {args.market_steps:,} steps at batch {args.market_batch}: ~{hours:.1f} {unit} (projected)"
     h, w = preset.image_size
-    settings = (f"preset {args.preset}, stage {args.stage} ({params / 1e6:.1f} M params), batch {args.batch}, "
-                f"{'canvas ' + str(h) + 'x' + str(2 * w) if args.stage == 'inpaint' else 'image ' + str(h) + 'x' + str(w)}, "
+    size = f"canvas {h}x{2 * w}" if args.stage == "inpaint" else f"image {h}x{w}"
+    settings = (f"preset {args.preset}, stage {args.stage} ({params / 1e6:.1f} M params), batch {args.batch}, {size}, "
                 f"mixed precision {args.mixed_precision}, EMA {args.ema}, AdamW, {args.steps} timed steps after "
                 f"{args.warmup} warm-up (no checkpoint writes)")
     if args.no_write:

@@ -109,8 +109,8 @@ class SynthesisConfig:
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
     ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
     sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
-    (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse`` (also write the stage-2 images
-    to ``OUT/coarse/``).
+    (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse``
+    (also write the stage-2 images to ``OUT/coarse/``).
     """
 
     generator: str = "pcdms"
@@ -623,8 +623,8 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
 
 def timing_key(cfg: SynthesisConfig, pipeline_sha256: str) -> TimingKey:
     """What decides a PCDMs job's speed (:mod:`reid_aug.timings`)."""
-    return TimingKey(pipeline_sha256, resolve_device(cfg).type, resolve_dtype(cfg), cfg.scheduler, cfg.num_inference_steps,
-                     cfg.stages, cfg.batch_size, cfg.guidance_scale != 1.0)
+    return TimingKey(pipeline_sha256, resolve_device(cfg).type, resolve_dtype(cfg), cfg.scheduler,
+                     cfg.num_inference_steps, cfg.stages, cfg.batch_size, cfg.guidance_scale != 1.0)
 
 
 def _record_speed(cfg: SynthesisConfig, pipeline_sha256: str, batch_seconds: Sequence[float]) -> None:

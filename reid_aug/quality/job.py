@@ -420,8 +420,7 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     pipeline weights; another job's folder is refused unless ``overwrite``. Each image depends
     only on (source, k, seed, target pose, settings, batch size), as in ``synthesize``.
     """
-    from pcdms.pipeline import STAGES
-    from pcdms.pipeline import pipeline_sha256
+    from pcdms.pipeline import STAGES, pipeline_sha256
     from reid_aug.synthesis import (_pcdms_generate, check_pcdms_weights, config_dict, load_pcdms, plan_sha256,
                                     resolve_dtype)
 
