@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from _results import append_row, device_name
-from pcdms.encoders import dino_input_size
+from pcdms.encoders import dino_token_shape
 from pcdms.models import build_stage
 from pcdms.presets import get_preset
 from pcdms.training.cache import Indexed
@@ -49,11 +49,8 @@ class RandomCache:
     def __init__(self, preset, seed: int = 0):
         h, w = preset.latent_size
         c = preset.latent_channels
-        # The release feeds DINOv2 224 px (long side); presets with stand-in encoders their own size.
-        long_side = 224 if preset.name == "paper" else preset.stand_in_dino_size
-        dh, dw = dino_input_size(*preset.image_size, long_side, 14)
         self.shapes = {"latent": (c, h, w), "masked_latent": (c, h, 2 * w), "canvas_latent": (c, h, 2 * w),
-                       "dino": (1 + (dh // 14) * (dw // 14), preset.dino_dim), "clip": (preset.clip_embed_dim,)}
+                       "dino": dino_token_shape(preset), "clip": (preset.clip_embed_dim,)}
         self.gen = torch.Generator().manual_seed(seed)
 
     def get_indexed(self, kind: str, paths, progress: bool = False) -> Indexed:

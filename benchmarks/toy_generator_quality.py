@@ -43,8 +43,10 @@ from reid_aug.data.toy_render import figure_mask
 from reid_aug.data.toy import identity_for
 from reid_aug.quality import l1, ssim
 from reid_aug.quality.job import read_test_pairs, toy_oracle_images
+from reid_aug.synthesis import parse_guidance
 
 VARIANTS = ("copy-source", "B1", "B2", "B3", "full", "toy-oracle")
+
 
 
 def main(argv=None) -> int:
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="toy Market root (make-toy-market)")
     ap.add_argument("--pairs", type=int, default=1000, help="test pairs, evenly spaced over the file (fewer: noisier)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=parse_guidance, default=2.0,
+                    help="guidance scale w for all stages, or three comma-separated: prior,inpaint,refine")
     ap.add_argument("--scheduler", default="ddim")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)

@@ -185,6 +185,21 @@ def dino_config(dino_dim: int, full_size: bool, image_size: int = 56):
     )
 
 
+def dino_long_side(config) -> int:
+    """Pixels of the long input side a DINOv2 of ``config`` is fed by default: 224 like the release, or
+    a stand-in's smaller ``image_size`` (tiny configs train at 56 px)."""
+    return min(224, int(config.image_size))
+
+
+def dino_token_shape(preset) -> tuple[int, int]:
+    """``(1 + N, hidden)`` of the DINOv2 tokens that the encoders built for ``preset`` give for one
+    image of ``preset.image_size`` (pretrained DINOv2-G or the preset's stand-in): its config only,
+    no weights built."""
+    config = stand_in_configs(preset)["dino"]
+    dh, dw = dino_input_size(*preset.image_size, dino_long_side(config), int(config.patch_size))
+    return 1 + (dh // config.patch_size) * (dw // config.patch_size), int(config.hidden_size)
+
+
 def vae_config(latent_channels: int, scale_factor: int, full_size: bool,
                block_out_channels: tuple[int, ...] | None = None) -> dict:
     """``AutoencoderKL`` config: SD 2.1-base, or a small one with the same downsampling ``scale_factor``
@@ -330,8 +345,7 @@ class DinoEncoder(nn.Module):
     def from_config(cls, config, long_side: int | None = None) -> "DinoEncoder":
         from transformers import Dinov2Model
 
-        # Tiny configs train at 56 px; the real model is fed 224 px like the release.
-        return cls(Dinov2Model(config), long_side or min(224, int(config.image_size)))
+        return cls(Dinov2Model(config), long_side or dino_long_side(config))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path | None, long_side: int | None = None) -> "DinoEncoder":
@@ -345,7 +359,7 @@ class DinoEncoder(nn.Module):
         if not (folder / "config.json").is_file():
             raise WeightsNotFoundError(f"{folder}: no config.json (not a transformers folder). Needed: {DINO_SOURCE}")
         model = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
-        return cls(model, long_side or min(224, int(model.config.image_size)))
+        return cls(model, long_side or dino_long_side(model.config))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """A transformers folder (``config.json`` + ``model.safetensors``)."""

@@ -308,10 +308,7 @@ class PCDMsPipeline:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
         if output_type not in ("pt", "np", "pil"):
             raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
-        scales = _per_stage(guidance_scale)
-        if any(not np.isfinite(w) or w < 0 for w in scales):
-            raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
-        return scales
+        return per_stage_guidance(guidance_scale)
 
     @torch.no_grad()
     def __call__(
@@ -510,12 +507,19 @@ def write_pipeline_index(folder: str | Path, preset_name: str, stages: Sequence[
     return folder / "model_index.json"
 
 
-def _per_stage(guidance_scale) -> tuple[float, float, float]:
-    if isinstance(guidance_scale, (int, float)):
-        return (float(guidance_scale),) * 3
-    scales = tuple(float(s) for s in guidance_scale)
+def per_stage_guidance(guidance_scale) -> tuple[float, float, float]:
+    """``guidance_scale`` as ``(prior, inpaint, refine)``: one number serves all three stages.
+
+    Raises ``ValueError`` for another count, a non-finite or a negative scale."""
+    try:
+        scales = ((float(guidance_scale),) * 3 if isinstance(guidance_scale, (int, float))
+                  else tuple(float(s) for s in guidance_scale))
+    except (TypeError, ValueError):
+        scales = ()
     if len(scales) != 3:
-        raise ValueError(f"guidance_scale must be one number or (prior, inpaint, refine), got {guidance_scale}")
+        raise ValueError(f"guidance_scale must be one number or (prior, inpaint, refine), got {guidance_scale!r}")
+    if any(not np.isfinite(w) or w < 0 for w in scales):
+        raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
     return scales
 
 

@@ -108,7 +108,8 @@ class SynthesisConfig:
     ``pipeline`` (a ``PCDMsPipeline.save_pretrained`` folder), the three encoder paths,
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
     ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
-    sampler settings (paper: DDIM, 50 steps, guidance 2.0), ``batch_size``, ``device``
+    sampler settings (paper: DDIM, 50 steps, guidance 2.0; ``guidance_scale`` is one number for all
+    three stages or ``[prior, inpaint, refine]``), ``batch_size``, ``device``
     (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse``
     (also write the stage-2 images to ``OUT/coarse/``).
     """
@@ -126,7 +127,7 @@ class SynthesisConfig:
     vae_path: Path | None = None
     allow_random_weights: bool = False
     num_inference_steps: int = 50
-    guidance_scale: float = 2.0
+    guidance_scale: float | tuple[float, float, float] = 2.0
     scheduler: str = "ddim"
     stages: str = "full"
     batch_size: int = 16
@@ -152,8 +153,6 @@ class SynthesisConfig:
             raise ValueError(f"min_visible_joints must be in 0..18, got {self.min_visible_joints}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.canonical_k < 1:
@@ -166,8 +165,11 @@ class SynthesisConfig:
         if self.strategy != "random" and self.generator != "pcdms":
             raise ValueError(f"strategy {self.strategy!r} needs generator 'pcdms' (toy-oracle samples its own poses)")
         if self.generator == "pcdms":
-            from pcdms.pipeline import SCHEDULERS, STAGES  # diffusers: only imported when PCDMs will run
+            from pcdms.pipeline import SCHEDULERS, STAGES, per_stage_guidance  # diffusers: only when PCDMs runs
 
+            scales = per_stage_guidance(self.guidance_scale)  # raises on a bad count or value
+            if not isinstance(self.guidance_scale, (int, float)):  # a YAML list: hashable, compared as a tuple
+                object.__setattr__(self, "guidance_scale", scales)
             if self.scheduler not in SCHEDULERS:
                 raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
             if self.stages not in STAGES:
@@ -623,8 +625,14 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
 
 def timing_key(cfg: SynthesisConfig, pipeline_sha256: str) -> TimingKey:
     """What decides a PCDMs job's speed (:mod:`reid_aug.timings`)."""
+    from pcdms.pipeline import STAGES, per_stage_guidance
+
+    use_prior, use_refine = STAGES[cfg.stages]
+    runs = (("prior", use_prior), ("inpaint", True), ("refine", use_refine))
+    guided = ",".join(name for (name, used), w in zip(runs, per_stage_guidance(cfg.guidance_scale))
+                      if used and w != 1.0) or "none"
     return TimingKey(pipeline_sha256, resolve_device(cfg).type, resolve_dtype(cfg), cfg.scheduler,
-                     cfg.num_inference_steps, cfg.stages, cfg.batch_size, cfg.guidance_scale != 1.0)
+                     cfg.num_inference_steps, cfg.stages, cfg.batch_size, guided)
 
 
 def _record_speed(cfg: SynthesisConfig, pipeline_sha256: str, batch_seconds: Sequence[float]) -> None:
@@ -811,8 +819,27 @@ def _settings(cfg: SynthesisConfig, checkpoints: Mapping[str, str]) -> dict[str,
     return {"generator": cfg.generator,
             "strategy": _strategy_label(cfg) if pcdms else "toy-oracle",
             "scheduler": cfg.scheduler if pcdms else "", "num_inference_steps": cfg.num_inference_steps if pcdms else "",
-            "guidance_scale": cfg.guidance_scale if pcdms else "", "stages": cfg.stages if pcdms else "",
+            "guidance_scale": guidance_text(cfg.guidance_scale) if pcdms else "", "stages": cfg.stages if pcdms else "",
             "dtype": resolve_dtype(cfg) if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
+
+
+def guidance_text(guidance_scale: float | Sequence[float]) -> str:
+    """``2.0`` or ``prior,inpaint,refine`` (``2.0,2.0,1.0``): how manifests, tables and ``--guidance`` write it."""
+    if isinstance(guidance_scale, (int, float)):
+        return str(float(guidance_scale))
+    return ",".join(str(float(w)) for w in guidance_scale)
+
+
+def parse_guidance(text: str) -> float | tuple[float, float, float]:
+    """Read :func:`guidance_text`'s form back: one number, or three comma-separated (prior,inpaint,refine).
+    Raises ``ValueError`` naming the text otherwise."""
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"guidance {text!r}: give one scale >= 0, or three comma-separated (prior,inpaint,refine)")
+    return values[0] if len(values) == 1 else values
 
 
 def _strategy_label(cfg: SynthesisConfig) -> str:

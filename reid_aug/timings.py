@@ -30,7 +30,7 @@ class TimingKey:
     num_inference_steps: int
     stages: str
     batch_size: int
-    guided: bool  # guidance_scale != 1: the unconditional branch runs too
+    guided: str  # the stages run whose guidance_scale != 1 (their unconditional branch runs too), or "none"
 
     def text(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())

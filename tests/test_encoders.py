@@ -22,6 +22,7 @@ from pcdms.encoders import (
     dino_config,
     dino_input_size,
     dino_preprocess,
+    dino_token_shape,
     encoder_param_counts,
     vae_config,
 )
@@ -40,7 +41,9 @@ def test_output_shapes(encoders):
     images = torch.rand(3, 3, 128, 64, generator=torch.Generator().manual_seed(0))
     assert encoders.clip(images).shape == (3, TINY.clip_embed_dim)
     # Tiny DINOv2 is fed 56x28 -> 4x2 patches + CLS.
-    assert encoders.dino(images).shape == (3, 1 + 8, TINY.dino_dim)
+    assert encoders.dino(images).shape == (3, 1 + 8, TINY.dino_dim) == (3, *dino_token_shape(TINY))
+    # Read off the config alone (benchmarks fake the cache with it): DINOv2-G at 224x112 px -> 16x8 patches.
+    assert dino_token_shape(get_preset("paper")) == (1 + 16 * 8, 1536)
     latents = encoders.vae.encode(images)
     assert latents.shape == (3, TINY.latent_channels, 16, 8)
     decoded = encoders.vae.decode(latents)

@@ -27,8 +27,8 @@ from reid_aug.data.market import DatasetError, ImageRecord, parse_market_name, r
 from reid_aug.data.subset import make_subset, write_subset_csv
 from reid_aug.posebank import build_pose_bank, draw_targets, is_usable_pose, item_seed, name_key
 from reid_aug.synthesis import (
-    ANNOTATION_CSV, SYNTHESIS_CSV, SynthesisConfig, SynthesisError, plan_synthesis, synthesize, synthetic_name,
-    toy_oracle_image,
+    ANNOTATION_CSV, SYNTHESIS_CSV, SynthesisConfig, SynthesisError, guidance_text, parse_guidance, plan_synthesis,
+    synthesize, synthetic_name, toy_oracle_image,
 )
 
 TOY = SynthesisConfig(generator="toy-oracle", per_image=2)
@@ -165,7 +165,8 @@ def test_synthetic_names_parse_back_to_the_source_labels():
 
 def test_config_validation(tmp_path):
     for bad in (dict(per_image=0), dict(generator="gan"), dict(pose_pool="all"), dict(scheduler="pndm"),
-                dict(dtype="int8"), dict(guidance_scale=float("nan")), dict(device="gpu0")):
+                dict(dtype="int8"), dict(guidance_scale=float("nan")), dict(guidance_scale=(2.0, 1.0)),
+                dict(guidance_scale=(2.0, -1.0, 1.0)), dict(device="gpu0")):
         with pytest.raises(ValueError):
             SynthesisConfig(**bad)
     path = tmp_path / "s.yaml"
@@ -175,6 +176,17 @@ def test_config_validation(tmp_path):
     path.write_text("generator: pcdms\npipeline: some/dir\nper_image: 3\n")
     cfg = load_config(SynthesisConfig, path, {"per_image": None, "seed": 4})
     assert cfg.pipeline == Path("some/dir") and cfg.per_image == 3 and cfg.seed == 4
+    # Guidance per stage (prior, inpaint, refine): a YAML list, or --guidance "2,2,1" on the command line.
+    path.write_text("generator: pcdms\npipeline: some/dir\nguidance_scale: [2, 2, 1]\n")
+    cfg = load_config(SynthesisConfig, path)
+    assert cfg.guidance_scale == (2.0, 2.0, 1.0) and guidance_text(cfg.guidance_scale) == "2.0,2.0,1.0"
+    assert parse_guidance(guidance_text(cfg.guidance_scale)) == cfg.guidance_scale and parse_guidance("1.5") == 1.5
+    path.write_text("generator: pcdms\npipeline: some/dir\nguidance_scale: [2, 1]\n")
+    with pytest.raises(ConfigError, match=r"guidance_scale: \[2, 1\] does not match"):
+        load_config(SynthesisConfig, path)
+    for bad in ("2,1", "x", "2,2,-1", "nan"):
+        with pytest.raises(ValueError, match="three comma-separated"):
+            parse_guidance(bad)
 
 
 # --------------------------------------------------------------------------- toy oracle
@@ -497,6 +509,11 @@ def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, m
     # Twice the steps: the same pipeline's timing, scaled.
     assert f"{2 * entry['seconds_per_image']:.3g} s/image (scaled from 2 steps" in plan("--steps", "4")
     assert "time: unknown" in plan("--dtype", "bfloat16")
+    # Refining without guidance skips its unconditional branch: another speed, not this run's timing.
+    per_stage = plan("--guidance", "2,2,1")
+    assert "guidance 2.0,2.0,1.0" in per_stage and "time: unknown" in per_stage
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", "--guidance", "2,1"])
+    assert res.exit_code == 2 and "three comma-separated (prior,inpaint,refine)" in res.output
     # dtype auto: float32 on a CPU without native bf16 (so this run's timing applies), bf16 with it.
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -24,6 +24,22 @@ class ConfigError(click.UsageError):
     """A configuration file or override is invalid."""
 
 
+class GuidanceParam(click.ParamType):
+    """``--guidance 2`` (every stage) or ``--guidance 2,2,1`` (prior, inpaint, refine)."""
+
+    name = "W|W_PRIOR,W_INPAINT,W_REFINE"
+
+    def convert(self, value, param, ctx):
+        from reid_aug.synthesis import parse_guidance
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_guidance(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from reid_aug.cli.app import main
+from reid_aug.cli.config import GuidanceParam
 from reid_aug.data.market import DatasetError
 
 
@@ -46,7 +47,8 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
 @click.option("--stages", default="full", show_default=True,
               help="With --generate: comma-separated stage settings, e.g. B1,B2,B3,full (the Table-3 ablation).")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps per stage.")
-@click.option("--guidance", type=float, default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--guidance", type=GuidanceParam(), default="2.0", show_default=True,
+              help="Classifier-free guidance scale, one for all stages or prior,inpaint,refine.")
 @click.option("--scheduler", default="ddim", show_default=True, help="ddim | dpmsolver++ | unipc | euler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generation noise.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per pipeline/metric call.")

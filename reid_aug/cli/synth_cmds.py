@@ -10,7 +10,7 @@ import click
 from pcdms.encoders import WeightsNotFoundError
 from pcdms.pose import PoseFormatError
 from reid_aug.cli.app import main
-from reid_aug.cli.config import config_to_dict, load_config, normalize_record
+from reid_aug.cli.config import GuidanceParam, config_to_dict, load_config, normalize_record
 from reid_aug.data.market import DatasetError, ReidDataset, read_reid_dataset, records_summary
 from reid_aug.data.subset import make_subset, read_subset_csv
 from reid_aug.manifest import read_manifest
@@ -69,7 +69,8 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
               help="SD 2.1-base folder (or a bare VAE folder).")
 @click.option("--per-image", type=int, default=None, help="Synthetic images per real image (default 1).")
 @click.option("--steps", type=int, default=None, help="Sampler steps per stage (default 50).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (default 2.0).")
+@click.option("--guidance", type=GuidanceParam(), default=None,
+              help="Classifier-free guidance scale, one for all stages or prior,inpaint,refine (default 2.0).")
 @click.option("--scheduler", default=None, help="ddim (default) | dpmsolver++ | unipc | euler.")
 @click.option("--stages", default=None, help="full (default) | B1 (inpaint) | B2 (prior+inpaint) | B3 (inpaint+refine).")
 @click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default 16).")

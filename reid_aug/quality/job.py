@@ -488,11 +488,11 @@ def quality_job(data_root: str | Path, out_dir: str | Path, predictions: Mapping
     extra: dict[str, Any] = {}
     generation = None
     if generate_cfg is not None:
-        from reid_aug.synthesis import resolve_dtype
+        from reid_aug.synthesis import guidance_text, resolve_dtype
 
         generation = {"pipeline": str(generate_cfg.pipeline), "stages": list(stages),
                       "scheduler": generate_cfg.scheduler, "num_inference_steps": generate_cfg.num_inference_steps,
-                      "guidance_scale": generate_cfg.guidance_scale, "seed": generate_cfg.seed,
+                      "guidance_scale": guidance_text(generate_cfg.guidance_scale), "seed": generate_cfg.seed,
                       "dtype": resolve_dtype(generate_cfg), "batch_size": generate_cfg.batch_size}
         folders = generate_pairs(generate_cfg, pairs, Path(out_dir) / "generated", stages, overwrite=overwrite,
                                  progress=progress, log=log)
