@@ -116,7 +116,7 @@ tar czf "$OUT/meta.tgz" -C "$WORK/export" inpaint/config.json refine/config.json
   -C "$GEN" coarse/manifest.json
 
 stamp "7. quality on held-out pairs"
-"$PY" benchmarks/toy_generator_quality.py --generator "$GEN" --data "$WORK/small" --pairs $PAIRS --steps 5 \
+"$PY" benchmarks/toy_generator_quality.py --generator "$GEN" --data "$WORK/small" --pairs $PAIRS --steps 5 --guidance 2,2,1 \
   --variants B2,full --dtype float32 --device $DEVICE --threads 8 --out "$OUT/quality.json" --grid "$OUT/grid.png" \
   | grep -v "^{"
 ls -la "$OUT"
