@@ -385,7 +385,9 @@ def _plan_toy(cfg, records, toy_seed, image_size) -> list[SynthesisItem]:
 def config_dict(cfg: SynthesisConfig) -> dict[str, Any]:
     """``cfg`` as JSON-ready data, as the manifest stores it; paths made absolute, so a resume compares
     equal from any working directory."""
-    return {k: str(v.absolute()) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    # Tuples (per-stage guidance) as lists, as JSON reads them back: a resume must compare equal.
+    return {k: str(v.absolute()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(cfg).items()}
 
 
 def plan_sha256(items: Iterable[SynthesisItem]) -> str:

@@ -514,6 +514,11 @@ def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, m
     assert "guidance 2.0,2.0,1.0" in per_stage and "time: unknown" in per_stage
     res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", "--guidance", "2,1"])
     assert res.exit_code == 2 and "three comma-separated (prior,inpaint,refine)" in res.output
+    # A per-stage job resumes: its manifest reads the guidance back as a list, the config holds a tuple.
+    per_stage_args = args + ["--out", str(tmp_path / "per_stage"), "--guidance", "2,2,1"]
+    assert CliRunner().invoke(main, per_stage_args).exit_code == 0
+    res = CliRunner().invoke(main, per_stage_args)
+    assert res.exit_code == 0 and "same config); nothing to do" in res.output, res.output
     # dtype auto: float32 on a CPU without native bf16 (so this run's timing applies), bf16 with it.
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

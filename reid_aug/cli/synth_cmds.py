@@ -175,8 +175,8 @@ def _print_plan(plan: dict) -> None:
         click.echo(f"  time: about {_duration(est['seconds'])} at {est['seconds_per_image']:.3g} s/image "
                    f"({est['source']}), counting whole batches, plus loading the models")
     elif plan["generator"] == "pcdms":
-        click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages and batch "
-                   "size yet (every run records its speed; a small --subset run gives the estimate)")
+        click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages, guided "
+                   "stages and batch size yet (every run records its speed; a small --subset run gives the estimate)")
     else:
         click.echo("  time: seconds (toy-oracle renders, it does not sample)")
 
