@@ -48,7 +48,6 @@ from reid_aug.synthesis import parse_guidance
 VARIANTS = ("copy-source", "B1", "B2", "B3", "full", "toy-oracle")
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generator", type=Path, required=True)

@@ -834,14 +834,17 @@ def guidance_text(guidance_scale: float | Sequence[float]) -> str:
 
 def parse_guidance(text: str) -> float | tuple[float, float, float]:
     """Read :func:`guidance_text`'s form back: one number, or three comma-separated (prior,inpaint,refine).
-    Raises ``ValueError`` naming the text otherwise."""
+    Raises ``ValueError`` naming the text otherwise (the rule is :func:`pcdms.pipeline.per_stage_guidance`'s)."""
+    from pcdms.pipeline import per_stage_guidance
+
     try:
         values = tuple(float(v) for v in str(text).split(","))
+        guidance = values[0] if len(values) == 1 else values
+        per_stage_guidance(guidance)
     except ValueError:
-        values = ()
-    if len(values) not in (1, 3) or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise ValueError(f"guidance {text!r}: give one scale >= 0, or three comma-separated (prior,inpaint,refine)")
-    return values[0] if len(values) == 1 else values
+        raise ValueError(f"guidance {text!r}: give one scale >= 0, "
+                         "or three comma-separated (prior,inpaint,refine)") from None
+    return guidance
 
 
 def _strategy_label(cfg: SynthesisConfig) -> str:
