@@ -250,7 +250,7 @@ def test_generate_runs_each_stage_setting_resumes_and_refuses_other_settings(tmp
     assert {p: p.stat().st_mtime_ns for p in (gen / "B1").glob("*.png")} == mtimes
     other = [a if a != "2" else "3" for a in args]  # --steps 3
     res = CliRunner().invoke(main, other)
-    assert res.exit_code == 1 and "another generation job" in res.output
+    assert res.exit_code == 1 and "another generation job (num_inference_steps: 2 -> 3)" in res.output
 
 
 def test_quality_cli_errors_are_one_line(tmp_path, market):

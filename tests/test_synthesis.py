@@ -182,7 +182,10 @@ def test_config_validation(tmp_path):
     assert cfg.guidance_scale == (2.0, 2.0, 1.0) and guidance_text(cfg.guidance_scale) == "2.0,2.0,1.0"
     assert parse_guidance(guidance_text(cfg.guidance_scale)) == cfg.guidance_scale and parse_guidance("1.5") == 1.5
     path.write_text("generator: pcdms\npipeline: some/dir\nguidance_scale: [2, 1]\n")
-    with pytest.raises(ConfigError, match=r"guidance_scale: \[2, 1\] does not match"):
+    with pytest.raises(ConfigError, match=r"guidance_scale: expected 3 items, got 2: \[2, 1\]"):
+        load_config(SynthesisConfig, path)
+    path.write_text("generator: pcdms\npipeline: some/dir\nguidance_scale: '2,2,1'\n")
+    with pytest.raises(ConfigError, match=r"guidance_scale: expected a number or a list of 3 items, got '2,2,1'"):
         load_config(SynthesisConfig, path)
     for bad in ("2,1", "x", "2,2,-1", "nan"):
         with pytest.raises(ValueError, match="three comma-separated"):
@@ -651,9 +654,11 @@ def test_an_image_does_not_depend_on_the_other_images_of_the_job(tmp_path, datas
         synthesize(dataclasses.replace(cfg, batch_size=2), dataset, sources, tmp_path / "all", progress=False)
 
 
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_bytes(tmp_path, market, tiny_pipeline):
-    """A real kill (SIGKILL of the command's process, no cleanup) while images are being written; the
-    re-run makes exactly the missing images and the folder equals an uninterrupted run's, byte for byte."""
+@pytest.mark.parametrize("signum", ["SIGKILL", "SIGTERM"])
+def test_kill_mid_run_then_resume_gives_the_uninterrupted_bytes(tmp_path, market, tiny_pipeline, signum):
+    """A real kill while images are being written (SIGKILL: no cleanup at all; SIGTERM: the command stops
+    as on Ctrl-C and says so); the re-run makes exactly the missing images and the folder equals an
+    uninterrupted run's, byte for byte."""
     import signal
     import subprocess
     import sys
@@ -667,14 +672,18 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_bytes(tmp_path, mar
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True)
     total = len(_hashes(tmp_path / "straight"))
-    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (tmp_path / "killed").is_dir() and len(_hashes(tmp_path / "killed")) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(getattr(signal, signum))
+    stderr = proc.communicate()[1]
+    if signum == "SIGTERM":
+        assert proc.returncode == 143 and "terminated (SIGTERM): what was finished is kept" in stderr, stderr
+        assert "Traceback" not in stderr and not list((tmp_path / "killed").rglob("*.tmp*"))
     done = len(_hashes(tmp_path / "killed"))
     assert 3 <= done < total, "the kill did not land mid-run"
     assert json.loads((tmp_path / "killed" / "manifest.json").read_text())["complete"] is False

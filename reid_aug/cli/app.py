@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import click
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit), raised where the command is, so a job stops as it
+    does on Ctrl-C: ``finally`` blocks remove half-written temporary files and the command says so."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class _FlowOrderGroup(click.Group):
@@ -12,12 +24,16 @@ class _FlowOrderGroup(click.Group):
         return list(self.commands)
 
     def invoke(self, ctx: click.Context):
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _end_progress_bars()
-            click.echo("\ninterrupted: what was finished is kept; run the same command again to resume", err=True)
-            ctx.exit(130)  # the shell's code for Ctrl-C, without click's extra "Aborted!" line
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"\n{what}: what was finished is kept; run the same command again to resume", err=True)
+            # The shell's codes for Ctrl-C and SIGTERM, without click's extra "Aborted!" line.
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
         except OSError as exc:  # a read-only folder, a full disk ...: one line naming the path, no traceback
             _end_progress_bars()
             where = f"{exc.filename}: " if exc.filename else ""
@@ -25,6 +41,9 @@ class _FlowOrderGroup(click.Group):
         except click.ClickException:
             _end_progress_bars()
             raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _end_progress_bars() -> None:

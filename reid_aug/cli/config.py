@@ -48,15 +48,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+                errors[arg] = exc
+        # A list given where one alternative is a list: that alternative's error says what is wrong with it.
+        alike = [exc for arg, exc in errors.items() if _shape(arg) == _shape(type(value)) != "scalar"]
+        if len(alike) == 1:
+            raise alike[0]
+        wanted = " or ".join([_describe(arg) for arg in errors] + (["null"] if type(None) in args else []))
+        raise ConfigError(f"{where}: expected {wanted}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -68,7 +73,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if origin is tuple and args:
             if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {list(value)!r}")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         seq = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -100,6 +105,30 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return Path(value)
         raise ConfigError(f"{where}: expected a path, got {value!r}")
     return value
+
+
+def _shape(tp: Any) -> str:
+    """"list", "mapping" or "scalar": the YAML shape of values of type ``tp``."""
+    origin = typing.get_origin(tp) or tp
+    if isinstance(origin, type) and issubclass(origin, (list, tuple)):
+        return "list"
+    if dataclasses.is_dataclass(tp) or isinstance(origin, type) and issubclass(origin, Mapping):
+        return "mapping"
+    return "scalar"
+
+
+def _describe(tp: Any) -> str:
+    """``tp`` in the words of the errors above ("a number", "a list of 3 items", ...)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {list(args)}"
+    if _shape(tp) == "list":
+        fixed = typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis
+        return f"a list of {len(args)} items" if fixed else "a list"
+    if _shape(tp) == "mapping":
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:

@@ -421,8 +421,8 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     only on (source, k, seed, target pose, settings, batch size), as in ``synthesize``.
     """
     from pcdms.pipeline import STAGES, pipeline_sha256
-    from reid_aug.synthesis import (_pcdms_generate, check_pcdms_weights, config_dict, load_pcdms, plan_sha256,
-                                    resolve_dtype)
+    from reid_aug.synthesis import (_pcdms_generate, check_pcdms_weights, config_dict, config_differences,
+                                    load_pcdms, plan_sha256, resolve_dtype)
 
     out_root = Path(out_root)
     folder = check_pcdms_weights(cfg)
@@ -440,11 +440,15 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
         stored = read_manifest(out) if out.is_dir() else None
         want = {"config": config, "plan_sha256": plan, "pipeline_sha256": pipeline_sha, "batch_size": cfg.batch_size}
         if stored is not None and stored.get("step") == GENERATE_STEP:
-            same = all(stored.get(k) == v for k, v in want.items())
-            if not same and not overwrite:
-                raise QualityError(f"{out} holds images of another generation job (config, pairs or pipeline "
-                                   "weights differ); use --overwrite to replace them")
-            if not same:
+            diffs = config_differences(stored.get("config", {}), config)
+            diffs += [f"{what} differ" for k, what in (("plan_sha256", "the pairs"), ("pipeline_sha256",
+                      "the pipeline weights")) if stored.get(k) != want[k]]
+            if stored.get("batch_size") != cfg.batch_size:
+                diffs.append(f"batch_size: {stored.get('batch_size')!r} -> {cfg.batch_size!r}")
+            if diffs and not overwrite:
+                raise QualityError(f"{out} holds images of another generation job ({'; '.join(diffs)}); use "
+                                   "--overwrite to replace them")
+            if diffs:
                 for p in out.glob("*.png"):
                     p.unlink()
         elif out.is_dir() and any(out.iterdir()):
