@@ -90,6 +90,36 @@ def epoch_rows(out_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def train_gflop_per_image(backbone: str, image_size: tuple[int, int], num_classes: int) -> float:
+    """Forward + backward GFLOP of one image through the BoT network (torch's FLOP counter: convolutions
+    and matrix products, the bulk of the work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reid_aug.bot.model import build_bot
+
+    model = build_bot(num_classes, backbone, 1, None, "after").train()
+    x = torch.randn(2, 3, *image_size)
+    with FlopCounterMode(display=False) as counter:
+        logits, feat = model(x)
+        (logits.sum() + feat.sum()).backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """float32 GFLOP/s of an n x n matrix product on ``device``: what the convolutions can at best reach."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=None,
@@ -165,6 +195,8 @@ def main() -> None:
     amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if args.amp and cuda else "off"
     name = device_name(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    gflop = train_gflop_per_image(backbone, image_size, num_ids)
+    achieved, matmul = gflop * ips, matmul_gflops(device)
     warm = "" if len(rows) > 1 else " (single epoch: includes warm-up)"
     settings = (f"{backbone}, {image_size[0]}x{image_size[1]}, batch {cfg.batch_size} (P{cfg.num_pids_per_batch} x "
                 f"K{cfg.num_instances}), AMP {amp}, {num_images} images / {num_ids} ids ({source}), "
@@ -176,9 +208,12 @@ def main() -> None:
         "images_per_s": ips, "seconds_per_epoch": epoch_s, "per_epoch": rows,
         "projected_min_120_epochs_N_per_epoch": proj_n, "projected_min_120_epochs_sampler_epoch": proj_epoch,
         "wall_s": wall, "overhead_s": overhead, "peak_mem_gib": peak,
+        "train_gflop_per_image": gflop, "achieved_gflops": achieved, "matmul_fp32_gflops": matmul,
     })
     results = [
-        ("bench_bot training throughput", f"{ips:.1f} img/s", settings),
+        ("bench_bot training throughput", f"{ips:.1f} img/s",
+         f"{gflop:.2f} GFLOP/image forward + backward = {achieved:.0f} GFLOP/s, against {matmul:.0f} GFLOP/s of a "
+         f"float32 2048^2 matmul here; {settings}"),
         (f"bench_bot projected {RECIPE_EPOCHS} epochs", f"{proj_n:.1f} min",
          f"{RECIPE_EPOCHS} x N / img/s; {proj_epoch:.1f} min at the sampler's {epoch_s:.1f} s epochs; "
          f"+ {overhead:.0f} s outside the epochs (decoding, model build, checkpoints)"

@@ -4,6 +4,11 @@ On one H100 (paper sizes: SD 2.1-base UNets, 20-layer prior, ViT-H/14, DINOv2-G,
 
     python benchmarks/bench_pcdms.py --device cuda --preset paper --batch 32 --dtype bfloat16 --steps 50
 
+A trained generator instead of random weights (any device; the demo's synthesis setting):
+
+    python benchmarks/bench_pcdms.py --pipeline builtin:toy --batch 64 --dtype float32 --steps 5 \
+        --guidance 2,2,1 --refine-strength 0.4 --threads 2
+
 On CPU (the tiny preset only; the paper preset, 4.6 B parameters = 9.2 GB in bfloat16, 18.5 GB in
 float32, would take hours per call there, so it is refused):
 
@@ -46,6 +51,8 @@ import pcdms
 from _results import device_name, print_json, record, resolve_device
 from pcdms.encoders import build_encoders
 from pcdms.pipeline import SCHEDULERS, PCDMsPipeline
+from reid_aug.generators import resolve_pipeline
+from reid_aug.synthesis import guidance_text, parse_guidance
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A standing person, OpenPose-18 order, as fractions of (W, H): keypoints the skeleton drawer sees as real limbs.
@@ -97,7 +104,9 @@ class StageClock:
         denoise, decode = pipe._denoise, pipe.encoders.vae.decode
 
         def timed_denoise(*args, **kwargs):
-            name = args[-1]  # "prior" | "inpaint" | "refine", the loop's last argument
+            name = args[7]  # "inpaint" | "refine": the loop's name argument
+            if name == "inpaint":  # the prior samples through sample_prior, which ends right before this loop
+                self.mark("prior_end")
             self.mark(f"{name}_start")
             out = denoise(*args, **kwargs)
             self.mark(f"{name}_end")
@@ -140,7 +149,7 @@ def time_pipeline(pipe, inputs, args, device: torch.device) -> tuple[dict[str, f
     def call():
         gen = torch.Generator(device).manual_seed(0)
         out = pipe(images, src_kp, tgt_kp, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   generator=gen, stages="full", scheduler=args.scheduler)
+                   generator=gen, stages="full", scheduler=args.scheduler, refine_strength=args.refine_strength)
         if not torch.isfinite(out.images).all():  # random weights in half precision may overflow
             print("warning: non-finite output images (random weights); timings still valid", flush=True)
 
@@ -157,7 +166,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps per stage (paper: 50)")
-    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance w (paper: 2.0)")
+    parser.add_argument("--pipeline", default=None,
+                        help="a trained generator folder or builtin:toy instead of a preset's random weights")
+    parser.add_argument("--guidance", type=parse_guidance, default=2.0,
+                        help="classifier-free guidance w, or prior,inpaint,refine (paper: 2.0)")
+    parser.add_argument("--refine-strength", type=float, default=1.0,
+                        help="refining stage from noise (1, the paper) or from the noised coarse image (< 1)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls, median kept (default 3)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -169,14 +183,21 @@ def main() -> None:
     cuda = device.type == "cuda"
     preset_name = args.preset or ("paper" if cuda else "tiny")
     dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
-    if preset_name == "paper" and not cuda:
+    if args.pipeline is not None and args.preset is not None:
+        parser.error("--pipeline brings its own preset; leave out --preset")
+    if preset_name == "paper" and not cuda and args.pipeline is None:
         parser.error("the paper preset (4.6 B parameters) takes hours per call on CPU; use --preset tiny or a GPU")
     if args.batch < 1 or args.steps < 1 or args.repeats < 1:
         parser.error("--batch, --steps and --repeats must be >= 1")
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    pipe = build_pipeline(preset_name, device, DTYPES[dtype_name])
+    if args.pipeline is not None:
+        folder = resolve_pipeline(args.pipeline)
+        pipe = PCDMsPipeline.from_pretrained(folder, device=device, dtype=DTYPES[dtype_name])
+        preset_name = pipe.preset.name
+    else:
+        pipe = build_pipeline(preset_name, device, DTYPES[dtype_name])
     build_s = time.perf_counter() - start
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     h, w = pipe.preset.image_size
@@ -192,12 +213,16 @@ def main() -> None:
     for k in sec:
         print(f"{k}: {sec[k]:.3f} s per batch of {args.batch}, {ips[k]:.2f} img/s", flush=True)
     settings = (f"preset {preset_name}, batch {args.batch}, {dtype_name}, {args.steps} {args.scheduler} steps/stage, "
-                f"CFG w {args.guidance:g}, random weights, median of {args.repeats} after 1 warm-up"
+                f"CFG w {guidance_text(args.guidance)}"
+                + (f", refine strength {args.refine_strength:g}" if args.refine_strength != 1.0 else "")
+                + (f", weights {args.pipeline}" if args.pipeline else ", random weights")
+                + f", median of {args.repeats} after 1 warm-up"
                 + (f", peak GPU mem {peak:.1f} GiB (weights {weights_gib:.1f} GiB)" if cuda else ""))
     name = device_name(device)
     print_json({
         "benchmark": "bench_pcdms", "device": name, "preset": preset_name, "batch": args.batch, "dtype": dtype_name,
-        "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "repeats": args.repeats,
+        "steps": args.steps, "scheduler": args.scheduler, "guidance": guidance_text(args.guidance),
+        "refine_strength": args.refine_strength, "pipeline": args.pipeline, "repeats": args.repeats,
         "build_seconds": build_s, "weights_gib": weights_gib, "peak_mem_gib": peak,
         "stage_seconds": sec, "images_per_s": ips, "runs": runs,
     })

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=parse_guidance, default=2.0,
                     help="guidance scale w for all stages, or three comma-separated: prior,inpaint,refine")
     ap.add_argument("--scheduler", default="ddim")
+    ap.add_argument("--refine-strength", type=float, default=1.0,
+                    help="refining stage: 1 = from noise (paper); below 1 from the noised coarse latent (SDEdit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
                 continue
             gens = [torch.Generator().manual_seed(args.seed * 100_003 + start + i) for i in range(len(chunk))]
             res = pipe(src, kp_s, kp_t, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       generator=gens, stages=stages, scheduler=args.scheduler, output_type="pil")
+                       generator=gens, stages=stages, scheduler=args.scheduler, output_type="pil",
+                       refine_strength=args.refine_strength)
             outputs[stages] += res.images
             coarse_by[stages] = coarse_by.get(stages, []) + list(res.coarse_images)
         for a, _ in chunk:
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
     split_table = "\n".join(split_lines)
     print("\nSSIM / L1 / person L1 by camera pair:\n" + split_table)
     settings = {"generator": str(args.generator), "data": str(args.data), "pairs": len(pairs), "steps": args.steps,
-                "guidance": args.guidance, "scheduler": args.scheduler, "seed": args.seed, "dtype": args.dtype,
+                "guidance": args.guidance, "refine_strength": args.refine_strength, "scheduler": args.scheduler, "seed": args.seed, "dtype": args.dtype,
                 "device": args.device, "generation_seconds": round(seconds, 1)}
     print(json.dumps(settings))
     if args.out:

@@ -25,6 +25,11 @@ unconditional branch drops the DINOv2 tokens and the global embedding and keeps
 the pose canvas, mask and masked source canvas. Without the prior (B1, B3) the
 inpainting model gets its null global embedding in both branches.
 
+Refining from the coarse image (``refine_strength`` < 1, not in the paper, which samples stage 3
+from noise): the coarse latent is noised to the level of a later sampler step and only the
+remaining steps run (SDEdit, Meng et al., ICLR 2022; the way diffusers' img2img pipelines and
+the SDXL refiner use a second model), so stage 3 keeps stage 2's layout and adds texture.
+
 Randomness: the three initial noises (prior, canvas, refine) are drawn up front
 in that order, so for one seed the ablations share their noise (full's coarse
 image is B2's output, B3's coarse image is B1's); the samplers run
@@ -162,16 +167,44 @@ def classifier_free_guidance(
 
 
 def denoise(model, scheduler, noise: torch.Tensor, cond, uncond, scale: float, num_inference_steps: int,
-            desc: str | None = None) -> torch.Tensor:
+            desc: str | None = None, init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """One stage's guided sampling loop from ``noise`` (B, ...) with ``scheduler``; the clean sample.
-    ``desc``: a per-step tqdm bar with this label (None: no bar)."""
+    ``desc``: a per-step tqdm bar with this label (None: no bar).
+
+    ``strength`` < 1 with ``init`` (B, ...) (SDEdit, Meng et al., ICLR 2022; diffusers' img2img
+    ``strength``): ``init`` is noised to the level of the ``sampler_start`` step and only the last
+    ``int(num_inference_steps * strength)`` steps run. ``strength`` 1 starts from pure noise."""
     scheduler.set_timesteps(int(num_inference_steps), device=noise.device)
-    sample = noise * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, desc=desc, disable=desc is None, leave=False):
+    timesteps = scheduler.timesteps
+    if strength < 1.0:
+        if init is None:
+            raise ValueError("strength < 1 needs the init sample to start from")
+        begin = sampler_start(int(num_inference_steps), strength) * scheduler.order
+        timesteps = timesteps[begin:]
+        if hasattr(scheduler, "set_begin_index"):  # multistep and sigma-indexed samplers count from here
+            scheduler.set_begin_index(begin)
+        sample = scheduler.add_noise(init, noise, timesteps[:1])
+    else:
+        sample = noise * scheduler.init_noise_sigma
+    for t in tqdm(timesteps, desc=desc, disable=desc is None, leave=False):
         model_input = scheduler.scale_model_input(sample, t)
         pred = classifier_free_guidance(model, model_input, t, cond, uncond, scale)
         sample = scheduler.step(pred, t, sample).prev_sample
     return sample
+
+
+def sampler_start(num_inference_steps: int, strength: float) -> int:
+    """Index of the first of ``num_inference_steps`` sampler steps that a run of ``strength`` in (0, 1]
+    takes (:func:`denoise`): it runs ``int(num_inference_steps * strength)`` steps, as diffusers' img2img.
+
+    Raises ``ValueError`` for a strength outside (0, 1] or one that leaves no step to run."""
+    if not np.isfinite(strength) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"refine_strength must be in (0, 1], got {strength!r}")
+    run = int(num_inference_steps * strength + 1e-9)  # 5 x 0.6 must run 3 steps, not 2.9999...
+    if run < 1:
+        raise ValueError(f"refine_strength {strength} of {num_inference_steps} steps runs no step; "
+                         f"use at least {1 / num_inference_steps:.3g}")
+    return num_inference_steps - run
 
 
 def sample_prior(prior, source_embeds: torch.Tensor, source_pose: torch.Tensor, target_pose: torch.Tensor,
@@ -286,7 +319,7 @@ class PCDMsPipeline:
         return self
 
     def check_inputs(self, source_images, source_keypoints, target_keypoints, num_inference_steps, guidance_scale,
-                     stages, scheduler, output_type) -> tuple[float, float, float]:
+                     stages, scheduler, output_type, refine_strength=1.0) -> tuple[float, float, float]:
         """Raise ``ValueError`` naming the bad argument; return the per-stage guidance scales."""
         check_images(source_images, "source_images")
         b = source_images.shape[0]
@@ -306,6 +339,7 @@ class PCDMsPipeline:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+        sampler_start(int(num_inference_steps), refine_strength)
         if output_type not in ("pt", "np", "pil"):
             raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
         return per_stage_guidance(guidance_scale)
@@ -323,6 +357,7 @@ class PCDMsPipeline:
         scheduler: str = "ddim",
         return_intermediates: bool = False,
         output_type: str = "pt",
+        refine_strength: float = 1.0,
     ) -> PCDMsOutput:
         """Synthesize each source person in its target pose.
 
@@ -336,11 +371,14 @@ class PCDMsPipeline:
                 share the inpainting noise for a given seed.
             stages: "full" | "B1" | "B2" | "B3" (Sec. 4.2).
             scheduler: "ddim" | "dpmsolver++" | "unipc" | "euler", for all stages.
+            refine_strength: in (0, 1]; 1 (the paper) samples the refining stage from pure noise; below 1
+                it starts from the coarse image's latent noised to that level and runs the last
+                ``int(num_inference_steps * refine_strength)`` steps (SDEdit, Meng et al. 2022).
         """
         # 1. Check inputs.
         w_prior, w_inpaint, w_refine = self.check_inputs(
             source_images, source_keypoints, target_keypoints, num_inference_steps, guidance_scale, stages,
-            scheduler, output_type)
+            scheduler, output_type, refine_strength)
         use_prior, use_refine = STAGES[stages]
         device, dtype, preset = self.device, self.dtype, self.preset
         b = source_images.shape[0]
@@ -398,7 +436,8 @@ class PCDMsPipeline:
             coarse_latents = enc.vae.encode(coarse_images.to(_dtype(enc.vae))).to(dtype)
             cond = (coarse_latents, dino_tokens)
             latents = self._denoise(self.refine, make_scheduler(scheduler, self.latent_schedule), noise[2],
-                                    cond, self.refine.null_condition(*cond), w_refine, num_inference_steps, "refine")
+                                    cond, self.refine.null_condition(*cond), w_refine, num_inference_steps, "refine",
+                                    init=coarse_latents, strength=refine_strength)
 
         # 7. Decode (without refining, B1/B2, the coarse image is the result) and postprocess.
         images = enc.vae.decode(latents.to(_dtype(enc.vae))) if use_refine else coarse_images
@@ -485,10 +524,11 @@ class PCDMsPipeline:
         encoders.to(device=device, dtype=dtype)
         return cls(models["prior"], models["inpaint"], models["refine"], encoders, preset, *schedules)
 
-    def _denoise(self, model, scheduler, noise, cond, uncond, scale, num_inference_steps, name) -> torch.Tensor:
+    def _denoise(self, model, scheduler, noise, cond, uncond, scale, num_inference_steps, name,
+                 init=None, strength=1.0) -> torch.Tensor:
         """One stage's sampling loop from ``noise`` (:func:`denoise`); returns the final (clean) sample."""
         return denoise(model, scheduler, noise, cond, uncond, scale, num_inference_steps,
-                       name if self.progress else None)
+                       name if self.progress else None, init, strength)
 
 
 def write_pipeline_index(folder: str | Path, preset_name: str, stages: Sequence[str], prior_schedule: dict,

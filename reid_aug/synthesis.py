@@ -77,8 +77,8 @@ CANONICAL_CSV, CANONICAL_PNG = "canonical-poses.csv", "canonical-poses.png"
 CANONICAL_K = 8  # default number of canonical poses
 # What decides an image (the plan row), then the settings it was made with (the same on every row).
 SYNTHESIS_COLUMNS = ("name", "source", "pid", "camid", "k", "seed", "target", "target_keypoints")
-SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps", "guidance_scale", "stages",
-                    "dtype", "pipeline_sha256")
+SETTINGS_COLUMNS = ("generator", "strategy", "scheduler", "num_inference_steps", "guidance_scale",
+                    "refine_strength", "stages", "dtype", "pipeline_sha256")
 JPEG_QUALITY = 95
 DEFAULT_POSES_FILE = "market-annotation-train.csv"
 # Settings a job may resume with other values of. (batch_size is not one: it can change the float
@@ -109,7 +109,8 @@ class SynthesisConfig:
     ``allow_random_weights`` (encoders without a path get random weights: tests only),
     ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
     sampler settings (paper: DDIM, 50 steps, guidance 2.0; ``guidance_scale`` is one number for all
-    three stages or ``[prior, inpaint, refine]``), ``batch_size``, ``device``
+    three stages or ``[prior, inpaint, refine]``; ``refine_strength`` 1 samples the refining stage from
+    noise as the paper, below 1 from the noised coarse image, :class:`pcdms.pipeline.PCDMsPipeline`), ``batch_size``, ``device``
     (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse``
     (also write the stage-2 images to ``OUT/coarse/``).
     """
@@ -128,6 +129,7 @@ class SynthesisConfig:
     allow_random_weights: bool = False
     num_inference_steps: int = 50
     guidance_scale: float | tuple[float, float, float] = 2.0
+    refine_strength: float = 1.0
     scheduler: str = "ddim"
     stages: str = "full"
     batch_size: int = 16
@@ -165,9 +167,10 @@ class SynthesisConfig:
         if self.strategy != "random" and self.generator != "pcdms":
             raise ValueError(f"strategy {self.strategy!r} needs generator 'pcdms' (toy-oracle samples its own poses)")
         if self.generator == "pcdms":
-            from pcdms.pipeline import SCHEDULERS, STAGES, per_stage_guidance  # diffusers: only when PCDMs runs
+            from pcdms.pipeline import SCHEDULERS, STAGES, per_stage_guidance, sampler_start  # diffusers: PCDMs only
 
             scales = per_stage_guidance(self.guidance_scale)  # raises on a bad count or value
+            sampler_start(self.num_inference_steps, self.refine_strength)
             if not isinstance(self.guidance_scale, (int, float)):  # a YAML list: hashable, compared as a tuple
                 object.__setattr__(self, "guidance_scale", scales)
             if self.scheduler not in SCHEDULERS:
@@ -610,7 +613,7 @@ def _pcdms_generate(todo: Sequence[SynthesisItem], out: Path, pipe, cfg: Synthes
         gens = [torch.Generator().manual_seed(it.seed) for it in batch]
         result = pipe(images, src, tgt, num_inference_steps=cfg.num_inference_steps,
                       guidance_scale=cfg.guidance_scale, generator=gens, stages=cfg.stages,
-                      scheduler=cfg.scheduler, output_type="pt")
+                      scheduler=cfg.scheduler, output_type="pt", refine_strength=cfg.refine_strength)
         pixels, coarse = (_to_uint8(x) for x in (result.images, result.coarse_images))
         for it, px, cx in zip(real, pixels, coarse):
             if cfg.keep_coarse:  # before the image: a present image means its coarse one is there too
@@ -634,7 +637,8 @@ def timing_key(cfg: SynthesisConfig, pipeline_sha256: str) -> TimingKey:
     guided = ",".join(name for (name, used), w in zip(runs, per_stage_guidance(cfg.guidance_scale))
                       if used and w != 1.0) or "none"
     return TimingKey(pipeline_sha256, resolve_device(cfg).type, resolve_dtype(cfg), cfg.scheduler,
-                     cfg.num_inference_steps, cfg.stages, cfg.batch_size, guided)
+                     cfg.num_inference_steps, cfg.stages, cfg.batch_size, guided,
+                     cfg.refine_strength if use_refine else 1.0)
 
 
 def _record_speed(cfg: SynthesisConfig, pipeline_sha256: str, batch_seconds: Sequence[float]) -> None:
@@ -821,7 +825,8 @@ def _settings(cfg: SynthesisConfig, checkpoints: Mapping[str, str]) -> dict[str,
     return {"generator": cfg.generator,
             "strategy": _strategy_label(cfg) if pcdms else "toy-oracle",
             "scheduler": cfg.scheduler if pcdms else "", "num_inference_steps": cfg.num_inference_steps if pcdms else "",
-            "guidance_scale": guidance_text(cfg.guidance_scale) if pcdms else "", "stages": cfg.stages if pcdms else "",
+            "guidance_scale": guidance_text(cfg.guidance_scale) if pcdms else "",
+            "refine_strength": cfg.refine_strength if pcdms else "", "stages": cfg.stages if pcdms else "",
             "dtype": resolve_dtype(cfg) if pcdms else "", "pipeline_sha256": checkpoints.get("pipeline", "")}
 
 

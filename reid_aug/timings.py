@@ -3,8 +3,8 @@
 Every PCDMs synthesis run records its steady-state seconds per image (the first batch, which
 pays for warm-up, is left out when there are others) in ``<cache>/synthesis-timings.json``
 (:func:`reid_aug.workspace.cache_dir`), keyed by what decides the speed: the pipeline weights'
-hash, device type, dtype, sampler, steps, stage setting, batch size and whether guidance runs
-the unconditional branch. A dry run looks its job up there; without an exact match it scales a
+hash, device type, dtype, sampler, steps, stage setting, batch size, whether guidance runs
+the unconditional branch and the refining strength. A dry run looks its job up there; without an exact match it scales a
 timing of the same pipeline, device, dtype, stages and batch size by the number of steps (the
 denoising loop dominates), and says so.
 """
@@ -31,6 +31,7 @@ class TimingKey:
     stages: str
     batch_size: int
     guided: str  # the stages run whose guidance_scale != 1 (their unconditional branch runs too), or "none"
+    refine_strength: float = 1.0  # below 1 the refining stage runs fewer steps (1.0 without refining)
 
     def text(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
@@ -71,9 +72,10 @@ def estimate_seconds_per_image(key: TimingKey) -> tuple[float, str] | None:
     if exact is not None:
         return exact["seconds_per_image"], (f"measured {exact['measured'][:10]} on {exact['images']:,} images "
                                             f"({exact.get('device_name') or key.device})")
-    same = ("pipeline_sha256", "device", "dtype", "stages", "batch_size", "guided")
+    same = ("pipeline_sha256", "device", "dtype", "stages", "batch_size", "guided", "refine_strength")
     want = asdict(key)
-    near = [t for t in data.values() if all(t.get(k) == want[k] for k in same)]
+    near = [t for t in data.values() if all(t.get(k, 1.0 if k == "refine_strength" else None) == want[k]
+                                            for k in same)]  # timings older than refine_strength: 1.0
     if not near:
         return None
     best = min(near, key=lambda t: abs(t["num_inference_steps"] - key.num_inference_steps))

@@ -14,9 +14,11 @@ from pcdms.pipeline import (
     PCDMsPipeline,
     canvas_conditions,
     classifier_free_guidance,
+    denoise,
     latent_schedule_config,
     make_scheduler,
     prior_schedule_config,
+    sampler_start,
 )
 from pcdms.pose import draw_skeleton_batch
 
@@ -209,6 +211,49 @@ def test_each_scheduler_runs(pipe, inputs, name):
     assert out.images.shape == (2, 3, 128, 64) and torch.isfinite(out.images).all()
     if name != "ddim":
         assert not torch.equal(out.images, _run(pipe, inputs, scheduler="ddim").images)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("preset", ["tiny", "toy"])
+def test_strength_starts_from_the_noised_init_and_runs_the_last_steps(name, preset):
+    schedule = latent_schedule_config(get_preset(preset))
+    init, noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)).chunk(2)
+    seen = []
+
+    def model(sample, t, cond):
+        seen.append((int(t[0]), sample.clone()))
+        return cond * 0.1
+
+    cond = (torch.ones_like(init),)
+    full_steps = make_scheduler(name, schedule)
+    full_steps.set_timesteps(5)
+    out = denoise(model, make_scheduler(name, schedule), noise, cond, cond, 1.0, 5, init=init, strength=0.4)
+    assert [t for t, _ in seen] == [int(t) for t in full_steps.timesteps[3:]]  # int(5 x 0.4) = 2 steps
+    start = make_scheduler(name, schedule)
+    start.set_timesteps(5)
+    if hasattr(start, "set_begin_index"):
+        start.set_begin_index(3)
+    t0 = start.timesteps[3:4]
+    torch.testing.assert_close(seen[0][1], start.scale_model_input(start.add_noise(init, noise, t0), t0[0]))
+    assert torch.isfinite(out).all()
+    # strength 1 is the plain run from noise, whatever init is given
+    plain = denoise(model, make_scheduler(name, schedule), noise, cond, cond, 1.0, 5)
+    torch.testing.assert_close(denoise(model, make_scheduler(name, schedule), noise, cond, cond, 1.0, 5,
+                                       init=init, strength=1.0), plain)
+
+
+def test_refine_strength(pipe, inputs):
+    base = _run(pipe, inputs, num_inference_steps=4, return_intermediates=True)
+    torch.testing.assert_close(_run(pipe, inputs, num_inference_steps=4, refine_strength=1.0).images, base.images)
+    half = _run(pipe, inputs, num_inference_steps=4, refine_strength=0.5)
+    torch.testing.assert_close(half.coarse_images, base.coarse_images)  # only the refining stage changes
+    assert not torch.allclose(half.images, base.images)
+    assert sampler_start(5, 0.6) == 2 and sampler_start(10, 0.3) == 7 and sampler_start(50, 1.0) == 0
+    images, src, tgt = inputs
+    for bad, match in ((0.0, r"in \(0, 1\]"), (1.5, r"in \(0, 1\]"), (float("nan"), "in"),
+                       (0.1, "runs no step; use at least 0.25")):
+        with pytest.raises(ValueError, match=match):
+            pipe(images, src, tgt, num_inference_steps=4, refine_strength=bad)
 
 
 def test_prior_schedule_is_cosine_x0():

@@ -55,7 +55,8 @@ def poses(market):
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix == ".jpg"}
+    # Not the hidden ".<name>.tmp.<random>.jpg" of a write that a kill interrupted: not an image yet.
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix == ".jpg" and p.name[0] != "."}
 
 
 # --------------------------------------------------------------------------- pose bank
@@ -166,7 +167,8 @@ def test_synthetic_names_parse_back_to_the_source_labels():
 def test_config_validation(tmp_path):
     for bad in (dict(per_image=0), dict(generator="gan"), dict(pose_pool="all"), dict(scheduler="pndm"),
                 dict(dtype="int8"), dict(guidance_scale=float("nan")), dict(guidance_scale=(2.0, 1.0)),
-                dict(guidance_scale=(2.0, -1.0, 1.0)), dict(device="gpu0")):
+                dict(guidance_scale=(2.0, -1.0, 1.0)), dict(device="gpu0"), dict(refine_strength=0.0),
+                dict(refine_strength=1.5), dict(num_inference_steps=4, refine_strength=0.2)):
         with pytest.raises(ValueError):
             SynthesisConfig(**bad)
     path = tmp_path / "s.yaml"
@@ -517,11 +519,18 @@ def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, m
     assert "guidance 2.0,2.0,1.0" in per_stage and "time: unknown" in per_stage
     res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", "--guidance", "2,1"])
     assert res.exit_code == 2 and "three comma-separated (prior,inpaint,refine)" in res.output
+    # A refining stage started from the coarse image runs fewer steps: another speed too.
+    partial = plan("--refine-strength", "0.5")
+    assert "guidance 2.0, refine strength 0.5, stages full" in partial and "time: unknown" in partial
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", "--refine-strength", "0.4"])
+    assert res.exit_code == 2 and "refine_strength 0.4 of 2 steps runs no step; use at least 0.5" in res.output
     # A per-stage job resumes: its manifest reads the guidance back as a list, the config holds a tuple.
-    per_stage_args = args + ["--out", str(tmp_path / "per_stage"), "--guidance", "2,2,1"]
+    per_stage_args = args + ["--out", str(tmp_path / "per_stage"), "--guidance", "2,2,1", "--refine-strength", "0.5"]
     assert CliRunner().invoke(main, per_stage_args).exit_code == 0
     res = CliRunner().invoke(main, per_stage_args)
     assert res.exit_code == 0 and "same config); nothing to do" in res.output, res.output
+    rows = list(csv.DictReader(open(tmp_path / "per_stage" / SYNTHESIS_CSV)))
+    assert {(r["guidance_scale"], r["refine_strength"]) for r in rows} == {("2.0,2.0,1.0", "0.5")}
     # dtype auto: float32 on a CPU without native bf16 (so this run's timing applies), bf16 with it.
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -49,6 +49,8 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps per stage.")
 @click.option("--guidance", type=GuidanceParam(), default="2.0", show_default=True,
               help="Classifier-free guidance scale, one for all stages or prior,inpaint,refine.")
+@click.option("--refine-strength", type=float, default=1.0, show_default=True,
+              help="Refining stage: 1 samples from noise (the paper); below 1 from the noised coarse image (SDEdit).")
 @click.option("--scheduler", default="ddim", show_default=True, help="ddim | dpmsolver++ | unipc | euler.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generation noise.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per pipeline/metric call.")
@@ -72,7 +74,7 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
               help="Output folder (default: quality/ in the workspace).")
 @click.option("--overwrite", is_flag=True, help="Replace generated images made with other settings.")
 def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselines, pipeline, stages, steps, guidance,
-                scheduler, seed, batch_size, clip_checkpoint, dino_path, vae_path, lpips_weights, fid_weights,
+                refine_strength, scheduler, seed, batch_size, clip_checkpoint, dino_path, vae_path, lpips_weights, fid_weights,
                 fid_tf_weights, fid_variants, max_pairs, allow_random_weights, device, out, overwrite) -> None:
     """Score predicted target images of test pairs against the real targets (PCDMs Table 1 protocol).
 
@@ -111,7 +113,8 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
             stage_list = [s.strip() for s in stages.split(",") if s.strip()]
             cfg = SynthesisConfig(pipeline=pipeline, clip_checkpoint=clip_checkpoint, dino_path=dino_path,
                                   vae_path=vae_path, allow_random_weights=allow_random_weights,
-                                  num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed,
+                                  num_inference_steps=steps, guidance_scale=guidance,
+                                  refine_strength=refine_strength, scheduler=scheduler, seed=seed,
                                   batch_size=batch_size, device=device)
             from pcdms.pipeline import STAGES
 

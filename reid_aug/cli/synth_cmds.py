@@ -71,6 +71,9 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
 @click.option("--steps", type=int, default=None, help="Sampler steps per stage (default 50).")
 @click.option("--guidance", type=GuidanceParam(), default=None,
               help="Classifier-free guidance scale, one for all stages or prior,inpaint,refine (default 2.0).")
+@click.option("--refine-strength", type=float, default=None,
+              help="Refining stage: 1 (default, the paper) samples from noise; below 1 it starts from the coarse "
+                   "image noised to that level and runs that fraction of --steps (SDEdit).")
 @click.option("--scheduler", default=None, help="ddim (default) | dpmsolver++ | unipc | euler.")
 @click.option("--stages", default=None, help="full (default) | B1 (inpaint) | B2 (prior+inpaint) | B3 (inpaint+refine).")
 @click.option("--batch-size", type=int, default=None, help="Images per pipeline call (default 16).")
@@ -94,7 +97,7 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
                    "load no weights.")
 def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
                    out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
-                   vae_path, per_image, steps, guidance, scheduler, stages, batch_size, seed, allow_random_weights,
+                   vae_path, per_image, steps, guidance, refine_strength, scheduler, stages, batch_size, seed, allow_random_weights,
                    device, dtype, strategy, canonical_k, target_poses, keep_coarse, overwrite: bool,
                    dry_run: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
@@ -118,7 +121,7 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     overrides = {
         "generator": generator, "pose_pool": pose_pool, "pipeline": pipeline, "clip_checkpoint": clip_checkpoint,
         "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
-        "guidance_scale": guidance, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
+        "guidance_scale": guidance, "refine_strength": refine_strength, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
         "keep_coarse": keep_coarse, "strategy": strategy, "canonical_k": canonical_k, "target_poses": target_poses,
     }
@@ -162,8 +165,10 @@ def _print_plan(plan: dict) -> None:
                + (f" in {plan['batches']:,} batches of {plan['config']['batch_size']}" if plan["batches"] else ""))
     click.echo(f"  generator {plan['generator']}; target poses: {plan['strategy']}")
     if plan["generator"] == "pcdms":
+        strength = plan.get("refine_strength", 1.0)
         click.echo(f"  sampler {plan['scheduler']}, {plan['num_inference_steps']} steps, guidance "
-                   f"{plan['guidance_scale']}, stages {plan['stages']}, {plan['dtype']}")
+                   f"{plan['guidance_scale']}" + (f", refine strength {strength:g}" if strength != 1.0 else "")
+                   + f", stages {plan['stages']}, {plan['dtype']}")
         bank = {k.removeprefix("pose_bank_"): plan[k] for k in plan if k.startswith("pose_bank_")}
         if bank:
             click.echo("  pose bank: " + ", ".join(f"{v:,} {k}" for k, v in bank.items())

@@ -496,7 +496,8 @@ def quality_job(data_root: str | Path, out_dir: str | Path, predictions: Mapping
 
         generation = {"pipeline": str(generate_cfg.pipeline), "stages": list(stages),
                       "scheduler": generate_cfg.scheduler, "num_inference_steps": generate_cfg.num_inference_steps,
-                      "guidance_scale": guidance_text(generate_cfg.guidance_scale), "seed": generate_cfg.seed,
+                      "guidance_scale": guidance_text(generate_cfg.guidance_scale),
+                      "refine_strength": generate_cfg.refine_strength, "seed": generate_cfg.seed,
                       "dtype": resolve_dtype(generate_cfg), "batch_size": generate_cfg.batch_size}
         folders = generate_pairs(generate_cfg, pairs, Path(out_dir) / "generated", stages, overwrite=overwrite,
                                  progress=progress, log=log)
