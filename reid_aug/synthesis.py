@@ -170,13 +170,18 @@ class SynthesisConfig:
             from pcdms.pipeline import SCHEDULERS, STAGES, per_stage_guidance, sampler_start  # diffusers: PCDMs only
 
             scales = per_stage_guidance(self.guidance_scale)  # raises on a bad count or value
-            sampler_start(self.num_inference_steps, self.refine_strength)
             if not isinstance(self.guidance_scale, (int, float)):  # a YAML list: hashable, compared as a tuple
                 object.__setattr__(self, "guidance_scale", scales)
             if self.scheduler not in SCHEDULERS:
                 raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
             if self.stages not in STAGES:
                 raise ValueError(f"stages must be one of {list(STAGES)}, got {self.stages!r}")
+            if STAGES[self.stages][1]:
+                sampler_start(self.num_inference_steps, self.refine_strength)
+        if self.generator != "pcdms" or not STAGES[self.stages][1]:
+            # Nothing is refined: the strength changes no image, so it must not split jobs, reuse or timings
+            # (a workspace's --stages B2 keeps working with the demo's refine_strength).
+            object.__setattr__(self, "refine_strength", 1.0)
         if self.device is not None:
             try:
                 torch.device(self.device)

@@ -228,11 +228,14 @@ def test_pairs_with_unknown_images_are_refused(tmp_path, market):
 def test_generate_runs_each_stage_setting_resumes_and_refuses_other_settings(tmp_path, market, tiny_pipeline,
                                                                             one_thread):
     args = ["quality", "--data", str(market), "--generate", str(tiny_pipeline), "--stages", "B1,full",
-            "--steps", "2", "--batch-size", "4", "--max-pairs", "5", "--baseline", "copy-source",
+            "--steps", "2", "--refine-strength", "0.5", "--batch-size", "4", "--max-pairs", "5", "--baseline", "copy-source",
             "--allow-random-weights", "--fid", "none", "--device", "cpu", "--out", str(tmp_path / "q")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "| B1 (inpaint only) | 5 |" in res.output and "| copy-source | 5 |" in res.output
+    assert "2 steps, guidance 2.0, refine strength 0.5, seed 0" in res.output  # the generation line, as in quality.md
+    b1_config = json.loads((tmp_path / "q" / "generated" / "B1" / "manifest.json").read_text())["config"]
+    assert b1_config["refine_strength"] == 1.0  # no refining stage: the strength asked does not split its job
     gen = tmp_path / "q" / "generated"
     made = {st: sorted(p.name for p in (gen / st).glob("*.png")) for st in ("B1", "full")}
     assert len(made["B1"]) == 5 and made["B1"] == made["full"]

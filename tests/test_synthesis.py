@@ -171,6 +171,10 @@ def test_config_validation(tmp_path):
                 dict(refine_strength=1.5), dict(num_inference_steps=4, refine_strength=0.2)):
         with pytest.raises(ValueError):
             SynthesisConfig(**bad)
+    # Nothing refined (B1, B2, toy-oracle): the strength is recorded as 1.0, so it splits no job.
+    assert SynthesisConfig(stages="B2", refine_strength=0.1).refine_strength == 1.0
+    assert SynthesisConfig(generator="toy-oracle", refine_strength=0.5).refine_strength == 1.0
+    assert SynthesisConfig(stages="B3", refine_strength=0.5).refine_strength == 0.5
     path = tmp_path / "s.yaml"
     path.write_text("generator: toy-oracle\nper_image: 3\nsteps: 4\n")
     with pytest.raises(ConfigError, match="unknown key"):

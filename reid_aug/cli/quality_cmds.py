@@ -130,7 +130,9 @@ def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselin
                              mapping_csv=mapping_csv, log=click.echo)
     except (QualityError, DatasetError, SynthesisError, FolderBusyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    from reid_aug.quality.table import markdown_table
+    from reid_aug.quality.table import generation_line, markdown_table
 
+    if record.get("generation"):
+        click.echo(generation_line(record["generation"]))
     click.echo(markdown_table(record["variants"], record["random_weights"]))
     click.echo(f"{out}: quality.csv, quality.json, quality.md ({record['pairs']:,} pairs)")

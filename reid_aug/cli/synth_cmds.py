@@ -181,7 +181,7 @@ def _print_plan(plan: dict) -> None:
                    f"({est['source']}), counting whole batches, plus loading the models")
     elif plan["generator"] == "pcdms":
         click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages, guided "
-                   "stages and batch size yet (every run records its speed; a small --subset run gives the estimate)")
+                   "stages, refine strength and batch size yet (every run records its speed; a small --subset run gives the estimate)")
     else:
         click.echo("  time: seconds (toy-oracle renders, it does not sample)")
 

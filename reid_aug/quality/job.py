@@ -431,7 +431,7 @@ def generate_pairs(cfg, pairs: TestPairs, out_root: str | Path, stages: Sequence
     pipeline_sha = pipeline_sha256(folder)
     jobs = {}
     for st in stages:
-        job_cfg = dataclasses.replace(cfg, stages=st)
+        job_cfg = dataclasses.replace(cfg, stages=st)  # B1/B2: refine_strength 1.0 (SynthesisConfig)
         out = out_root / st
         config = json.loads(json.dumps(config_dict(job_cfg), default=str))
         config.pop("device", None)
