@@ -57,9 +57,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors[arg] = exc
         # A list given where one alternative is a list: that alternative's error says what is wrong with it.
-        alike = [exc for arg, exc in errors.items() if _shape(arg) == _shape(type(value)) != "scalar"]
+        alike = [arg for arg in errors if _shape(arg) == _shape(type(value)) != "scalar"]
         if len(alike) == 1:
-            raise alike[0]
+            others = [_describe(arg) for arg in errors if arg is not alike[0]]
+            raise ConfigError(f"{errors[alike[0]]}" + (f" (or {' or '.join(others)})" if others else ""))
         wanted = " or ".join([_describe(arg) for arg in errors] + (["null"] if type(None) in args else []))
         raise ConfigError(f"{where}: expected {wanted}, got {value!r}")
     if origin is typing.Literal:
