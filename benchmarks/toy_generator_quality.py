@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     split_table = "\n".join(split_lines)
     print("\nSSIM / L1 / person L1 by camera pair:\n" + split_table)
     settings = {"generator": str(args.generator), "data": str(args.data), "pairs": len(pairs), "steps": args.steps,
-                "guidance": args.guidance, "refine_strength": args.refine_strength, "scheduler": args.scheduler, "seed": args.seed, "dtype": args.dtype,
+                "guidance": args.guidance, "refine_strength": args.refine_strength, "scheduler": args.scheduler,
+                "seed": args.seed, "dtype": args.dtype,
                 "device": args.device, "generation_seconds": round(seconds, 1)}
     print(json.dumps(settings))
     if args.out:

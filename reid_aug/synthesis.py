@@ -110,7 +110,8 @@ class SynthesisConfig:
     ``strategy`` (target poses, :func:`plan_synthesis`), ``canonical_k``, ``target_poses``,
     sampler settings (paper: DDIM, 50 steps, guidance 2.0; ``guidance_scale`` is one number for all
     three stages or ``[prior, inpaint, refine]``; ``refine_strength`` 1 samples the refining stage from
-    noise as the paper, below 1 from the noised coarse image, :class:`pcdms.pipeline.PCDMsPipeline`), ``batch_size``, ``device``
+    noise as the paper, below 1 from the noised coarse image, :class:`pcdms.pipeline.PCDMsPipeline`;
+    1.0 wherever nothing is refined), ``batch_size``, ``device``
     (default: cuda if available), ``dtype`` (``"auto"``: :func:`resolve_dtype`), ``keep_coarse``
     (also write the stage-2 images to ``OUT/coarse/``).
     """

@@ -4,16 +4,16 @@ Every PCDMs synthesis run records its steady-state seconds per image (the first 
 pays for warm-up, is left out when there are others) in ``<cache>/synthesis-timings.json``
 (:func:`reid_aug.workspace.cache_dir`), keyed by what decides the speed: the pipeline weights'
 hash, device type, dtype, sampler, steps, stage setting, batch size, whether guidance runs
-the unconditional branch and the refining strength. A dry run looks its job up there; without an exact match it scales a
-timing of the same pipeline, device, dtype, stages and batch size by the number of steps (the
-denoising loop dominates), and says so.
+the unconditional branch and the refining strength. A dry run looks its job up there; without
+an exact match it scales a timing of the same pipeline, device, dtype, stages, guided stages,
+refine strength and batch size by the number of steps (the denoising loop dominates), and says so.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pcdms.io import write_json_atomic
@@ -74,8 +74,9 @@ def estimate_seconds_per_image(key: TimingKey) -> tuple[float, str] | None:
                                             f"({exact.get('device_name') or key.device})")
     same = ("pipeline_sha256", "device", "dtype", "stages", "batch_size", "guided", "refine_strength")
     want = asdict(key)
-    near = [t for t in data.values() if all(t.get(k, 1.0 if k == "refine_strength" else None) == want[k]
-                                            for k in same)]  # timings older than refine_strength: 1.0
+    # A timing recorded before a field existed holds that field's default (refine_strength: 1.0).
+    defaults = {f.name: f.default for f in fields(TimingKey)}
+    near = [t for t in data.values() if all(t.get(k, defaults[k]) == want[k] for k in same)]
     if not near:
         return None
     best = min(near, key=lambda t: abs(t["num_inference_steps"] - key.num_inference_steps))

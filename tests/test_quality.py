@@ -228,7 +228,8 @@ def test_pairs_with_unknown_images_are_refused(tmp_path, market):
 def test_generate_runs_each_stage_setting_resumes_and_refuses_other_settings(tmp_path, market, tiny_pipeline,
                                                                             one_thread):
     args = ["quality", "--data", str(market), "--generate", str(tiny_pipeline), "--stages", "B1,full",
-            "--steps", "2", "--refine-strength", "0.5", "--batch-size", "4", "--max-pairs", "5", "--baseline", "copy-source",
+            "--steps", "2", "--refine-strength", "0.5", "--batch-size", "4", "--max-pairs", "5",
+            "--baseline", "copy-source",
             "--allow-random-weights", "--fid", "none", "--device", "cpu", "--out", str(tmp_path / "q")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output

@@ -526,7 +526,8 @@ def test_dry_run_estimates_time_from_the_speed_earlier_runs_recorded(tmp_path, m
     # A refining stage started from the coarse image runs fewer steps: another speed too.
     partial = plan("--refine-strength", "0.5")
     assert "guidance 2.0, refine strength 0.5, stages full" in partial and "time: unknown" in partial
-    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run", "--refine-strength", "0.4"])
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "planned"), "--dry-run",
+                                           "--refine-strength", "0.4"])
     assert res.exit_code == 2 and "refine_strength 0.4 of 2 steps runs no step; use at least 0.5" in res.output
     # A per-stage job resumes: its manifest reads the guidance back as a list, the config holds a tuple.
     per_stage_args = args + ["--out", str(tmp_path / "per_stage"), "--guidance", "2,2,1", "--refine-strength", "0.5"]

@@ -74,7 +74,8 @@ def _predictions(generated: tuple[str, ...], baselines: tuple[str, ...]) -> dict
               help="Output folder (default: quality/ in the workspace).")
 @click.option("--overwrite", is_flag=True, help="Replace generated images made with other settings.")
 def quality_cmd(data_root, pairs_csv, poses_csv, generated, mapping_csv, baselines, pipeline, stages, steps, guidance,
-                refine_strength, scheduler, seed, batch_size, clip_checkpoint, dino_path, vae_path, lpips_weights, fid_weights,
+                refine_strength, scheduler, seed, batch_size, clip_checkpoint, dino_path, vae_path, lpips_weights,
+                fid_weights,
                 fid_tf_weights, fid_variants, max_pairs, allow_random_weights, device, out, overwrite) -> None:
     """Score predicted target images of test pairs against the real targets (PCDMs Table 1 protocol).
 

@@ -97,7 +97,8 @@ def subset_records(dataset: ReidDataset, subset: str | None, fraction: float | N
                    "load no weights.")
 def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float | None, subset_seed: int,
                    out: Path | None, method: str | None, config_path: Path | None, generator, poses_csv, pose_pool, pipeline, clip_checkpoint, dino_path,
-                   vae_path, per_image, steps, guidance, refine_strength, scheduler, stages, batch_size, seed, allow_random_weights,
+                   vae_path, per_image, steps, guidance, refine_strength, scheduler, stages, batch_size, seed,
+                   allow_random_weights,
                    device, dtype, strategy, canonical_k, target_poses, keep_coarse, overwrite: bool,
                    dry_run: bool) -> None:
     """Synthesize each image of a real training subset under other sampled poses into OUT.
@@ -121,7 +122,8 @@ def synthesize_cmd(data_root: Path | None, subset: str | None, fraction: float |
     overrides = {
         "generator": generator, "pose_pool": pose_pool, "pipeline": pipeline, "clip_checkpoint": clip_checkpoint,
         "dino_path": dino_path, "vae_path": vae_path, "per_image": per_image, "num_inference_steps": steps,
-        "guidance_scale": guidance, "refine_strength": refine_strength, "scheduler": scheduler, "stages": stages, "batch_size": batch_size, "seed": seed,
+        "guidance_scale": guidance, "refine_strength": refine_strength, "scheduler": scheduler, "stages": stages,
+        "batch_size": batch_size, "seed": seed,
         "allow_random_weights": True if allow_random_weights else None, "device": device, "dtype": dtype,
         "keep_coarse": keep_coarse, "strategy": strategy, "canonical_k": canonical_k, "target_poses": target_poses,
     }
@@ -181,7 +183,8 @@ def _print_plan(plan: dict) -> None:
                    f"({est['source']}), counting whole batches, plus loading the models")
     elif plan["generator"] == "pcdms":
         click.echo("  time: unknown: this pipeline has not been timed with this device, dtype, stages, guided "
-                   "stages, refine strength and batch size yet (every run records its speed; a small --subset run gives the estimate)")
+                   "stages, refine strength and batch size yet (every run records its speed; a small --subset run "
+                   "gives the estimate)")
     else:
         click.echo("  time: seconds (toy-oracle renders, it does not sample)")
 
